@@ -1,0 +1,86 @@
+"""Shared fixtures: a loopback gateway emulator, an isolated broker, and real workers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from subprocess import Popen
+from typing import Any
+
+import pytest
+
+from tests.brokers import broker
+from tests.workers import running_worker, worker_env
+from worker.app import TotangoCelery, create_app
+from worker.client import Producer
+from worker.emulator import GatewayEmulator
+from worker.settings import Settings
+
+BROKERS = ["rabbitmq", "redis"]
+
+
+@pytest.fixture
+def gateway() -> Iterator[GatewayEmulator]:
+    """A real HTTP gateway on loopback that records calls and can be told to fail."""
+    with GatewayEmulator() as emulator:
+        yield emulator
+
+
+@pytest.fixture(params=BROKERS)
+def broker_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """An isolated broker: a fresh RabbitMQ vhost, or a Redis database of the test's own."""
+    with broker(request.param) as url:
+        yield url
+
+
+@pytest.fixture
+def env_for(
+    broker_url: str, gateway: GatewayEmulator, tmp_path: Path
+) -> Callable[..., dict[str, str]]:
+    def make(**extra: str) -> dict[str, str]:
+        return worker_env(broker_url, f"{gateway.url}/pixel.gif", tmp_path, **extra)
+
+    return make
+
+
+@pytest.fixture
+def start_worker(
+    tmp_path: Path,
+) -> Iterator[Callable[..., AbstractContextManager[Popen[bytes]]]]:
+    def start(env: dict[str, str], *args: str) -> AbstractContextManager[Popen[bytes]]:
+        return running_worker(env, tmp_path / "worker.log", args)
+
+    yield start
+
+
+@pytest.fixture
+def app_for() -> Iterator[Callable[[dict[str, str]], TotangoCelery]]:
+    """A producer-side app built from a worker environment; closed after the test."""
+    apps: list[TotangoCelery] = []
+
+    def make(env: dict[str, str]) -> TotangoCelery:
+        app = create_app(Settings.from_env(env))
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.close()
+
+
+@pytest.fixture
+def producer_for(
+    app_for: Callable[[dict[str, str]], TotangoCelery],
+) -> Callable[[dict[str, str]], Producer]:
+    def make(env: dict[str, str]) -> Producer:
+        return Producer(app=app_for(env))
+
+    return make
+
+
+def drain_dead_letters(app: TotangoCelery, timeout: float = 1.0) -> list[dict[str, Any]]:
+    """Take every envelope off the dead-letter queue (for assertions)."""
+    from worker.deadletter import browse  # noqa: PLC0415
+
+    return [entry.to_dict() for entry in browse(app, timeout=timeout)]

@@ -1,0 +1,116 @@
+"""Create the Celery app: queues, serializer, delivery guarantees and broker limits.
+
+``celery -A worker.app worker`` loads the module-level ``app``, built from the environment.
+Tests and the demo call ``create_app(settings)`` with settings of their own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from worker.settings import Settings
+from worker.topology import QUEUE, ROUTING_KEY, exchange, task_queue
+
+
+class TotangoCelery(Celery):
+    """A Celery app that carries the settings it was made from."""
+
+    settings: Settings
+
+
+def create_app(settings: Settings | None = None) -> TotangoCelery:
+    settings = settings or Settings.from_env()
+    app = TotangoCelery("totango_worker", broker=settings.broker_url, set_as_current=False)
+    app.settings = settings
+    app.conf.update(config(settings))
+    from worker import signals, tasks  # noqa: PLC0415  tasks and signals need the app first
+    from worker.consumer import DeclareDeadLetters, Heartbeat  # noqa: PLC0415
+
+    app.steps["consumer"].add(DeclareDeadLetters)
+    app.steps["consumer"].add(Heartbeat)
+    tasks.register(app)
+    signals.connect(app)
+    return app
+
+
+def config(settings: Settings) -> dict[str, Any]:
+    kind = settings.broker_kind
+    return {
+        # JSON only: a producer in any language can publish, and pickle is refused.
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "result_accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_queues": [task_queue(kind)],
+        "task_default_queue": QUEUE,
+        "task_default_exchange": exchange.name,
+        "task_default_exchange_type": exchange.type,
+        "task_default_routing_key": ROUTING_KEY,
+        "task_create_missing_queues": False,
+        "task_routes": {"totango.*": {"queue": QUEUE}},
+        # At least once: a message is acknowledged only after the call's outcome is settled
+        # (delivered, retry published, or dead letter published). A child killed mid-call
+        # (OOM, SIGKILL) gets its task retried through the normal retry budget
+        # (task_retry_on_worker_lost, Celery 5.7) rather than requeued forever (celery#9082);
+        # when the budget is spent, task_failure dead-letters it with reason worker_lost.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_retry_on_worker_lost": True,
+        "task_default_retry_delay": 5,
+        # A hard limit well past the longest call, so a wedged call cannot hold a slot forever.
+        "task_time_limit": int(settings.connect_timeout + settings.read_timeout) + 30,
+        # Prefetch: each slot holds at most this many unacknowledged messages beyond the one
+        # it runs. Low, because a crashed worker's prefetched messages wait for redelivery
+        # (on Redis until visibility_timeout); 2 keeps the threads busy between round trips.
+        "worker_prefetch_multiplier": settings.prefetch_multiplier,
+        "worker_pool": settings.pool,
+        "worker_concurrency": settings.concurrency,
+        "worker_hijack_root_logger": False,
+        "worker_consumer": "worker.consumer:RelayConsumer",
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
+        # Celery 5.5 soft shutdown: on SIGTERM, in-flight calls get this long to finish
+        # before the cold shutdown requeues what is left. Longer than one full call.
+        "worker_soft_shutdown_timeout": settings.soft_shutdown_timeout,
+        "worker_enable_soft_shutdown_on_idle": False,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": transport_options(settings),
+        "broker_pool_limit": max(10, settings.concurrency),
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+    }
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    kind = settings.broker_kind
+    if kind == "rabbitmq":
+        # Publisher confirms: a publish returns only once the broker has the message, so a
+        # retry or a dead letter is never acknowledged away before it exists (celery#5410).
+        return {"confirm_publish": True}
+    if kind == "redis":
+        return {
+            # A reserved message comes back after this long. Every retry countdown is held
+            # reserved until it is due, so Settings.check_delays keeps the longest countdown
+            # under half of it; otherwise the retry would run twice.
+            "visibility_timeout": settings.visibility_timeout,
+            # Room for every worker thread plus the consumer and the publisher; too few
+            # gives "Too many connections" under load.
+            "max_connections": settings.concurrency * 2 + 10,
+            "socket_timeout": 30,
+            "socket_connect_timeout": 10,
+            "health_check_interval": 25,
+        }
+    return {}
+
+
+def __getattr__(name: str) -> Any:
+    # ``celery -A worker.app`` asks for ``app``: build it from the environment only then,
+    # so importing this module for ``create_app`` reads no settings.
+    if name in {"app", "celery"}:
+        instance = create_app()
+        globals()["app"] = globals()["celery"] = instance
+        return instance
+    raise AttributeError(name)

@@ -1,0 +1,184 @@
+"""What producer apps call: validate now, then enqueue, and get the event id back.
+
+Importing this module starts nothing and contacts nothing: the broker connection is made on
+the first enqueue, from ``TOTANGO_BROKER_URL`` (or from the ``Producer`` you build).
+
+    from worker import client
+    event_id = client.track_activity(account_id="acme", user_id="jo@acme.com",
+                                     activity="Login", module="App")
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from worker import events
+from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.app import TotangoCelery
+
+#: Producers may leave ``service_id`` out so that the worker's default applies; validation
+#: still needs one to check the rest of the event against.
+_PLACEHOLDER_SERVICE_ID = "SP-0-0"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated event that has not been enqueued yet (for example, until a commit)."""
+
+    producer: Producer
+    task: str
+    kwargs: dict[str, Any]
+
+    @property
+    def event_id(self) -> str:
+        return str(self.kwargs["event_id"])
+
+    def enqueue(self) -> str:
+        return self.producer.enqueue(self)
+
+
+class Producer:
+    """Validates and enqueues events on the ``totango`` queue, with publisher confirms."""
+
+    def __init__(self, settings: Settings | None = None, app: TotangoCelery | None = None):
+        self._settings = settings
+        self._app = app
+        self._lock = threading.Lock()
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = self._app.settings if self._app else Settings.from_env()
+        return self._settings
+
+    @property
+    def app(self) -> TotangoCelery:
+        with self._lock:
+            if self._app is None:
+                from worker.app import create_app  # noqa: PLC0415  no Celery until first use
+
+                self._app = create_app(self.settings)
+            return self._app
+
+    def prepare(self, task: str, **kwargs: Any) -> Prepared:
+        """Validate an event and give it an id; raises ``InvalidEvent`` naming the field."""
+        args = {k: v for k, v in kwargs.items() if v is not None}
+        if args.get("writeback") is False:
+            del args["writeback"]
+        args.setdefault("event_id", str(uuid.uuid4()))
+        events.from_message(
+            task,
+            args,
+            event_id=None,
+            default_service_id=self.settings.service_id or _PLACEHOLDER_SERVICE_ID,
+        )
+        return Prepared(self, task, args)
+
+    def enqueue(self, prepared: Prepared) -> str:
+        from worker.tasks import ENQUEUED_AT_HEADER  # noqa: PLC0415  no Celery until first use
+
+        self.app.send_task(
+            prepared.task,
+            kwargs=prepared.kwargs,
+            task_id=prepared.event_id,
+            headers={ENQUEUED_AT_HEADER: time.time()},
+        )
+        return prepared.event_id
+
+    def track_activity(self, **kwargs: Any) -> str:
+        return self.prepare(events.TRACK_ACTIVITY, **kwargs).enqueue()
+
+    def update_account(self, **kwargs: Any) -> str:
+        return self.prepare(events.UPDATE_ACCOUNT, **kwargs).enqueue()
+
+    def update_user(self, **kwargs: Any) -> str:
+        return self.prepare(events.UPDATE_USER, **kwargs).enqueue()
+
+
+_default: Producer | None = None
+_default_lock = threading.Lock()
+
+
+def default_producer() -> Producer:
+    global _default  # noqa: PLW0603  one lazily built producer per process
+    with _default_lock:
+        if _default is None:
+            _default = Producer()
+        return _default
+
+
+def track_activity(
+    *,
+    account_id: str,
+    user_id: str,
+    activity: str,
+    module: str,
+    account_name: str | None = None,
+    account_attributes: dict[str, Any] | None = None,
+    user_attributes: dict[str, Any] | None = None,
+    service_id: str | None = None,
+    event_id: str | None = None,
+) -> str:
+    """Enqueue an activity; returns its event id. Raises ``InvalidEvent`` on bad input."""
+    return default_producer().track_activity(
+        account_id=account_id,
+        user_id=user_id,
+        activity=activity,
+        module=module,
+        account_name=account_name,
+        account_attributes=account_attributes,
+        user_attributes=user_attributes,
+        service_id=service_id,
+        event_id=event_id,
+    )
+
+
+def update_account(
+    *,
+    account_id: str,
+    attributes: dict[str, Any],
+    account_name: str | None = None,
+    writeback: bool = False,
+    service_id: str | None = None,
+    event_id: str | None = None,
+) -> str:
+    """Enqueue an account attribute update; returns its event id."""
+    return default_producer().update_account(
+        account_id=account_id,
+        attributes=attributes,
+        account_name=account_name,
+        writeback=writeback,
+        service_id=service_id,
+        event_id=event_id,
+    )
+
+
+def update_user(
+    *,
+    account_id: str,
+    user_id: str,
+    attributes: dict[str, Any],
+    account_attributes: dict[str, Any] | None = None,
+    service_id: str | None = None,
+    event_id: str | None = None,
+) -> str:
+    """Enqueue a user attribute update; returns its event id."""
+    return default_producer().update_user(
+        account_id=account_id,
+        user_id=user_id,
+        attributes=attributes,
+        account_attributes=account_attributes,
+        service_id=service_id,
+        event_id=event_id,
+    )
+
+
+def prepare(task: str, **kwargs: Any) -> Prepared:
+    """Validate now, enqueue later: ``transaction.on_commit(client.prepare(...).enqueue)``."""
+    return default_producer().prepare(task, **kwargs)

@@ -1,0 +1,122 @@
+"""The worker's consumer: bad messages go to the dead-letter queue instead of vanishing.
+
+Celery's own consumer acknowledges an undecodable message and rejects an unknown task; on
+Redis both are then gone. This subclass publishes an envelope first, then acknowledges.
+It also declares the dead-letter queue at start and keeps the health heartbeat file fresh.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from celery import bootsteps
+from celery.worker.consumer import Consumer
+
+from worker.deadletter import HOSTNAME
+from worker.envelope import Envelope, raw_body_fields
+from worker.settings import broker_kind
+from worker.topology import dead_letter_queue
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 10.0
+
+
+class RelayConsumer(Consumer):
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        self._dead_letter(message, "undecodable", exc)
+
+    def on_unknown_message(self, _body: Any, message: Any) -> None:
+        self._dead_letter(message, "undecodable", None)
+
+    def on_unknown_task(self, _body: Any, message: Any, exc: Exception) -> None:
+        self._dead_letter(message, "unknown_task", exc)
+
+    def on_invalid_task(self, _body: Any, message: Any, exc: Exception) -> None:
+        self._dead_letter(message, "undecodable", exc)
+
+    def _dead_letter(self, message: Any, reason: str, exc: Exception | None) -> None:
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        task = headers.get("task") if isinstance(headers.get("task"), str) else None
+        kwargs = None
+        if reason == "unknown_task":
+            kwargs = _kwargs(message)
+        raw, encoding = (None, None) if kwargs is not None else raw_body_fields(message.body)
+        envelope = Envelope(
+            reason=reason,
+            event_id=(kwargs or {}).get("event_id") or headers.get("id"),
+            task=task,
+            kwargs=kwargs,
+            attempts=0,
+            worker_host=HOSTNAME,
+            raw_body=raw,
+            raw_body_encoding=encoding,
+            content_type=message.content_type,
+            task_id=headers.get("id") if isinstance(headers.get("id"), str) else None,
+            last_excerpt=repr(exc)[:200] if exc else "",
+        )
+        try:
+            from worker.tasks import dead_letter  # noqa: PLC0415  avoids an import cycle
+
+            dead_letter(self.app, envelope)  # type: ignore[arg-type]
+        except Exception:
+            # The broker is unreachable or refused the envelope: put the message back rather
+            # than drop it. It will be dead-lettered when the broker answers again.
+            log.exception("could not dead-letter a %s message; requeueing it", reason)
+            message.reject_log_error(log, self.connection_errors, requeue=True)  # type: ignore[attr-defined]
+            return
+        message.ack_log_error(log, self.connection_errors)  # type: ignore[attr-defined]
+
+
+def _kwargs(message: Any) -> dict[str, Any] | None:
+    try:
+        body = message.decode()
+    except Exception:  # noqa: BLE001  any decoding failure means: keep the raw body
+        return None
+    if isinstance(body, list | tuple) and len(body) >= 2 and isinstance(body[1], dict):
+        return dict(body[1])  # protocol 2: (args, kwargs, embed)
+    if isinstance(body, dict) and isinstance(body.get("kwargs"), dict):
+        return dict(body["kwargs"])  # protocol 1
+    return None
+
+
+class DeclareDeadLetters(bootsteps.StartStopStep):
+    """Declare the dead-letter queue when the consumer connects: Celery declares only the
+    queues it consumes, and a message routed to an undeclared queue vanishes."""
+
+    requires = ("celery.worker.consumer.connection:Connection",)
+
+    def start(self, c: Any) -> None:
+        queue = dead_letter_queue(broker_kind(c.app.conf.broker_url))
+        queue(c.connection.default_channel).declare()
+
+
+class Heartbeat(bootsteps.StartStopStep):
+    """Touch a file while the consumer runs, for a liveness probe that costs one stat()."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.path = Path(c.app.settings.heartbeat_file)
+        self.timer_entry: Any = None
+
+    def start(self, c: Any) -> None:
+        self.touch()
+        self.timer_entry = c.timer.call_repeatedly(HEARTBEAT_INTERVAL, self.touch)
+
+    def stop(self, _c: Any) -> None:
+        if self.timer_entry is not None:
+            self.timer_entry.cancel()
+        self.path.unlink(missing_ok=True)
+
+    def touch(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+            os.utime(self.path)
+        except OSError as exc:
+            log.warning("cannot touch heartbeat file %s: %s", self.path, exc)

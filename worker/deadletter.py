@@ -1,0 +1,185 @@
+"""The dead-letter queue: publish an envelope, and browse, replay and purge what is there.
+
+Publishing goes through the app's producer pool, which has publisher confirms on RabbitMQ,
+so an envelope is on the broker before the original message is acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from worker.envelope import Envelope, raw_body_fields
+from worker.settings import broker_kind
+from worker.topology import dead_letter_queue
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+log = logging.getLogger(__name__)
+
+HOSTNAME = socket.gethostname()
+
+#: Publishing a dead letter is retried on a broken connection: failing here would leave the
+#: original unacknowledged, which is safe, but it would come back and fail again.
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 5,
+    "interval_start": 0.2,
+    "interval_step": 0.5,
+    "interval_max": 2.0,
+}
+
+
+def publish(app: Celery, envelope: Envelope) -> None:
+    """Put one envelope on ``totango.dead_letter``, declaring the queue first."""
+    queue = dead_letter_queue(broker_kind(app.conf.broker_url))
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            envelope.to_dict(),
+            exchange=queue.exchange,
+            routing_key=queue.routing_key,
+            declare=[queue],
+            serializer="json",
+            delivery_mode=2,
+            headers=_headers(envelope),
+            retry=True,
+            retry_policy=PUBLISH_RETRY_POLICY,
+        )
+    log.warning(
+        "dead-lettered event_id=%s task=%s reason=%s attempts=%d last_status=%s",
+        envelope.event_id,
+        envelope.task,
+        envelope.reason,
+        envelope.attempts,
+        envelope.last_status,
+    )
+
+
+def _headers(envelope: Envelope) -> dict[str, Any]:
+    return {"totango_reason": envelope.reason, "totango_event_id": envelope.event_id or ""}
+
+
+# --- reading the queue ------------------------------------------------------------------
+#
+# The queue is read by taking every message without acknowledging it. What is not
+# acknowledged goes back when the channel closes (RabbitMQ requeues it, kombu's Redis
+# transport restores it from its unacked hash), so a crash mid-way leaves it where it was.
+
+
+@dataclass
+class Entry:
+    """One message of the dead-letter queue and the envelope read from it."""
+
+    envelope: Envelope
+    message: Any
+
+
+def envelope_of(message: Any) -> Envelope:
+    """Read an envelope; a raw task message that RabbitMQ dead-lettered becomes one too."""
+    try:
+        body = message.decode()
+    except Exception:  # noqa: BLE001  an unreadable body is kept raw, not lost
+        body = None
+    if isinstance(body, dict) and "reason" in body and "version" in body:
+        return Envelope.from_dict(body)
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    deaths = headers.get("x-death") or [{}]
+    reason = str(deaths[0].get("reason") or "rejected")
+    kwargs = None
+    if isinstance(body, list | tuple) and len(body) >= 2 and isinstance(body[1], dict):
+        kwargs = dict(body[1])
+    raw, encoding = (None, None) if kwargs is not None else raw_body_fields(message.body)
+    task_id = headers.get("id") if isinstance(headers.get("id"), str) else None
+    event_id = (kwargs or {}).get("event_id") or task_id
+    return Envelope(
+        reason="delivery_limit" if reason == "delivery_limit" else f"broker:{reason}",
+        event_id=event_id if isinstance(event_id, str) else None,
+        task=headers.get("task") if isinstance(headers.get("task"), str) else None,
+        kwargs=kwargs,
+        attempts=int(headers.get("x-delivery-count") or deaths[0].get("count") or 0),
+        worker_host="broker",
+        raw_body=raw,
+        raw_body_encoding=encoding,
+        content_type=message.content_type,
+        task_id=task_id,
+        id=task_id or uuid.uuid4().hex,
+    )
+
+
+@contextmanager
+def opened(app: Celery) -> Iterator[list[Entry]]:
+    """Every entry of the dead-letter queue, held unacknowledged until the block ends."""
+    queue = dead_letter_queue(broker_kind(app.conf.broker_url))
+    with app.connection_for_write() as connection:
+        channel: Any = connection.channel()
+        try:
+            bound = queue(channel)
+            bound.declare()
+            entries = []
+            while (message := bound.get(no_ack=False)) is not None:
+                entries.append(Entry(envelope_of(message), message))
+            yield entries
+        finally:
+            channel.close()
+
+
+def browse(app: Celery, timeout: float = 0.0) -> list[Envelope]:
+    """The envelopes in the queue, oldest first, left in place. With a timeout, wait that
+    long for the queue to be non-empty."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with opened(app) as entries:
+            found = [entry.envelope for entry in entries]
+        if found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.1)
+
+
+def replay(
+    app: Celery,
+    select: Callable[[Envelope], bool],
+    *,
+    dry_run: bool = False,
+    after_publish: Callable[[Envelope], None] | None = None,
+) -> list[Envelope]:
+    """Put each selected envelope's task back on the main queue with a fresh retry budget
+    and the same event id. An entry leaves the dead-letter queue only after its republish
+    is confirmed, so an interruption leaves it in one queue or the other, never neither."""
+    replayed = []
+    with opened(app) as entries:
+        for entry in entries:
+            envelope = entry.envelope
+            if not select(envelope) or not envelope.replayable:
+                continue
+            if not dry_run:
+                _republish(app, envelope)
+                if after_publish is not None:
+                    after_publish(envelope)
+                entry.message.ack()
+            replayed.append(envelope)
+    return replayed
+
+
+def purge(app: Celery, select: Callable[[Envelope], bool]) -> list[Envelope]:
+    """Remove the selected envelopes for good."""
+    purged = []
+    with opened(app) as entries:
+        for entry in entries:
+            if select(entry.envelope):
+                entry.message.ack()
+                purged.append(entry.envelope)
+    return purged
+
+
+def _republish(app: Celery, envelope: Envelope) -> None:
+    kwargs = dict(envelope.kwargs or {})
+    if envelope.event_id and "event_id" not in kwargs:
+        kwargs["event_id"] = envelope.event_id
+    # The broker confirms the publish (confirm_publish on RabbitMQ) before send_task returns.
+    app.send_task(str(envelope.task), kwargs=kwargs, task_id=envelope.task_id, retries=0)

@@ -1,0 +1,236 @@
+"""Every environment variable is read here, once, into one frozen ``Settings``.
+
+Tests build settings from a plain dict (``Settings.from_env({...})``) instead of patching
+``os.environ``. A wrong value raises ``ConfigError`` naming the variable and what to fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from worker.errors import ConfigError
+
+#: The documented collection hosts. Sending to the wrong region loses data silently, so the
+#: region is an explicit, validated choice and never guessed.
+REGION_GATEWAYS = {
+    "us": "https://sdr.totango.com/pixel.gif",
+    "eu": "https://sdr-eu1.totango.com/pixel.gif",
+}
+
+SERVICE_ID_RE = re.compile(r"^SP-\d+-\d+$")
+
+#: RabbitMQ's default ``consumer_timeout`` (30 minutes). A delayed retry held by a consumer
+#: for longer makes the broker close the channel with PRECONDITION_FAILED.
+RABBITMQ_DEFAULT_CONSUMER_TIMEOUT = 1800.0
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
+    service_id: str | None = None
+    region: str = "us"
+    gateway_url: str = REGION_GATEWAYS["us"]
+    allow_insecure_gateway: bool = False
+    connect_timeout: float = 3.05
+    read_timeout: float = 10.0
+    http_method: str = "GET"
+    max_url_length: int = 8000
+    max_retries: int = 8
+    retry_backoff_base: float = 1.0
+    retry_backoff_max: float = 300.0
+    retry_after_max: float = 600.0
+    visibility_timeout: float = 3600.0
+    rabbitmq_consumer_timeout: float = RABBITMQ_DEFAULT_CONSUMER_TIMEOUT
+    delivery_limit: int = 5
+    pool: str = "threads"
+    concurrency: int = 32
+    prefetch_multiplier: int = 2
+    soft_shutdown_timeout: float = 20.0
+    metrics_port: int = 9808
+    heartbeat_file: str = "/tmp/totango-worker.heartbeat"  # noqa: S108  overridable; pods mount /tmp
+    heartbeat_max_age: float = 60.0
+    sentry_dsn: str | None = None
+    sentry_environment: str | None = None
+    sentry_release: str | None = None
+    sentry_send_pii: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def broker_kind(self) -> str:
+        """``rabbitmq``, ``redis`` or ``embedded`` (the demo's SQLite transport)."""
+        return broker_kind(self.broker_url)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and check every setting. ``env`` defaults to ``os.environ``."""
+        e = os.environ if env is None else env
+        d = cls()
+        region = e.get("TOTANGO_REGION", d.region).strip().lower()
+        if region not in REGION_GATEWAYS:
+            raise ConfigError("TOTANGO_REGION", f"must be one of us, eu; got {region!r}")
+        allow_insecure = _bool(e, "TOTANGO_ALLOW_INSECURE_GATEWAY", d.allow_insecure_gateway)
+        gateway_url = e.get("TOTANGO_GATEWAY_URL") or REGION_GATEWAYS[region]
+        _check_gateway_url(gateway_url, allow_insecure)
+        service_id = e.get("TOTANGO_SERVICE_ID") or None
+        if service_id is not None and not SERVICE_ID_RE.match(service_id):
+            raise ConfigError("TOTANGO_SERVICE_ID", "must look like SP-<digits>-<digits>")
+        method = e.get("TOTANGO_HTTP_METHOD", d.http_method).upper()
+        if method not in {"GET", "POST"}:
+            raise ConfigError("TOTANGO_HTTP_METHOD", "must be GET or POST")
+        pool = e.get("TOTANGO_POOL", d.pool)
+        if pool not in {"threads", "prefork", "solo", "gevent", "eventlet"}:
+            raise ConfigError("TOTANGO_POOL", "must be threads, prefork, solo or gevent")
+        broker_url = e.get("TOTANGO_BROKER_URL", d.broker_url)
+        broker_kind(broker_url)
+        settings = cls(
+            broker_url=broker_url,
+            service_id=service_id,
+            region=region,
+            gateway_url=gateway_url,
+            allow_insecure_gateway=allow_insecure,
+            connect_timeout=_float(e, "TOTANGO_CONNECT_TIMEOUT", d.connect_timeout, low=0.1),
+            read_timeout=_float(e, "TOTANGO_READ_TIMEOUT", d.read_timeout, low=0.1),
+            http_method=method,
+            max_url_length=_int(e, "TOTANGO_MAX_URL_LENGTH", d.max_url_length, low=256),
+            max_retries=_int(e, "TOTANGO_MAX_RETRIES", d.max_retries, low=0),
+            retry_backoff_base=_float(e, "TOTANGO_RETRY_BACKOFF_BASE", d.retry_backoff_base, 0),
+            retry_backoff_max=_float(e, "TOTANGO_RETRY_BACKOFF_MAX", d.retry_backoff_max, 0),
+            retry_after_max=_float(e, "TOTANGO_RETRY_AFTER_MAX", d.retry_after_max, low=0),
+            visibility_timeout=_float(e, "TOTANGO_VISIBILITY_TIMEOUT", d.visibility_timeout, 1),
+            rabbitmq_consumer_timeout=_float(
+                e, "TOTANGO_RABBITMQ_CONSUMER_TIMEOUT", d.rabbitmq_consumer_timeout, low=1
+            ),
+            delivery_limit=_int(e, "TOTANGO_DELIVERY_LIMIT", d.delivery_limit, low=1),
+            pool=pool,
+            concurrency=_int(e, "TOTANGO_CONCURRENCY", d.concurrency, low=1),
+            prefetch_multiplier=_int(e, "TOTANGO_PREFETCH_MULTIPLIER", d.prefetch_multiplier, 1),
+            soft_shutdown_timeout=_float(
+                e, "TOTANGO_SOFT_SHUTDOWN_TIMEOUT", d.soft_shutdown_timeout, low=0
+            ),
+            metrics_port=_int(e, "TOTANGO_METRICS_PORT", d.metrics_port, low=0),
+            heartbeat_file=e.get("TOTANGO_HEARTBEAT_FILE", d.heartbeat_file),
+            heartbeat_max_age=_float(e, "TOTANGO_HEARTBEAT_MAX_AGE", d.heartbeat_max_age, 1),
+            sentry_dsn=e.get("SENTRY_DSN") or None,
+            sentry_environment=e.get("SENTRY_ENVIRONMENT") or None,
+            sentry_release=e.get("SENTRY_RELEASE") or None,
+            sentry_send_pii=_bool(e, "TOTANGO_SENTRY_SEND_PII", d.sentry_send_pii),
+            log_level=e.get("TOTANGO_LOG_LEVEL", d.log_level).upper(),
+        )
+        settings.check_delays()
+        return settings
+
+    @property
+    def longest_delay(self) -> float:
+        """The longest countdown a retry can get: the backoff cap or the Retry-After cap."""
+        return max(self.retry_backoff_max, self.retry_after_max)
+
+    def check_delays(self) -> None:
+        """A retry countdown must stay below what the broker tolerates for a held message.
+
+        On Redis a reserved message comes back after ``visibility_timeout`` and runs twice; on
+        RabbitMQ a message held past ``consumer_timeout`` closes the channel. Half the limit
+        leaves room for the call itself and for clock skew.
+        """
+        if self.retry_backoff_base > self.retry_backoff_max:
+            raise ConfigError(
+                "TOTANGO_RETRY_BACKOFF_BASE", "must not exceed TOTANGO_RETRY_BACKOFF_MAX"
+            )
+        kind = self.broker_kind
+        if kind == "redis" and self.longest_delay > self.visibility_timeout / 2:
+            raise ConfigError(
+                "TOTANGO_RETRY_BACKOFF_MAX",
+                f"the longest retry delay ({self.longest_delay:g}s, backoff or Retry-After cap) "
+                f"must stay under half of TOTANGO_VISIBILITY_TIMEOUT "
+                f"({self.visibility_timeout:g}s), or Redis redelivers the retry twice",
+            )
+        if kind == "rabbitmq" and self.longest_delay > self.rabbitmq_consumer_timeout / 2:
+            raise ConfigError(
+                "TOTANGO_RETRY_BACKOFF_MAX",
+                f"the longest retry delay ({self.longest_delay:g}s) must stay under half of "
+                f"the broker's consumer_timeout ({self.rabbitmq_consumer_timeout:g}s)",
+            )
+
+    def check_worker(self) -> None:
+        """What only a worker needs: a default service id for messages that name none."""
+        if self.service_id is None:
+            raise ConfigError(
+                "TOTANGO_SERVICE_ID", "is required by the worker (for example SP-1234-56)"
+            )
+
+
+def broker_kind(url: str) -> str:
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in {"amqp", "amqps", "pyamqp"}:
+        return "rabbitmq"
+    if scheme in {"redis", "rediss"}:
+        return "redis"
+    if scheme.startswith("sqla+") or scheme == "filesystem":
+        return "embedded"
+    raise ConfigError(
+        "TOTANGO_BROKER_URL", f"must be an amqp:// or redis:// URL; got scheme {scheme!r}"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_gateway_url(url: str, allow_insecure: bool) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in {"https", "http"} or not parts.hostname:
+        raise ConfigError("TOTANGO_GATEWAY_URL", f"must be an https:// URL; got {url!r}")
+    if parts.scheme == "http" and not (is_loopback(parts.hostname) or allow_insecure):
+        raise ConfigError(
+            "TOTANGO_GATEWAY_URL",
+            "plain http:// is allowed only for loopback hosts (127.0.0.1, ::1, localhost)",
+        )
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be an integer; got {raw!r}") from None
+    if value < low:
+        raise ConfigError(name, f"must be at least {low}; got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, low: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be a number; got {raw!r}") from None
+    if not value >= low:  # also rejects NaN
+        raise ConfigError(name, f"must be at least {low:g}; got {raw}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    raise ConfigError(name, f"must be true or false; got {raw!r}")

@@ -1,0 +1,151 @@
+"""Thin tasks: a message becomes an event, the event is sent, the outcome is decided.
+
+Delivered: done. Retryable and budget left: Celery's ``Task.retry`` with the decided delay.
+Invalid, or out of retries: an envelope on the dead-letter queue, then the message is acked.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from celery import Task
+
+from worker import events, observability
+from worker.deadletter import HOSTNAME, publish
+from worker.envelope import Envelope, now_iso
+from worker.errors import DeliveryFailed, InvalidEvent
+from worker.gateway import process_gateway
+from worker.retry import RetryPolicy, decide, is_delivered
+
+if TYPE_CHECKING:
+    from worker.app import TotangoCelery
+
+log = logging.getLogger(__name__)
+
+#: Message headers the worker adds to a retry; producers never need to set them.
+FIRST_ATTEMPT_HEADER = "totango_first_attempt_at"
+ENQUEUED_AT_HEADER = "totango_enqueued_at"
+
+
+def register(app: TotangoCelery) -> None:
+    settings = app.settings
+    for name in events.BUILDERS:
+        app.task(
+            name=name,
+            bind=True,
+            max_retries=settings.max_retries,
+            typing=False,  # arguments are checked by events.from_message, with a reason
+        )(_relay_function(name))
+
+
+def _relay_function(name: str) -> Any:
+    def run(self: Task[Any, Any], *args: Any, **kwargs: Any) -> str:
+        return relay(self, name, args, kwargs)
+
+    run.__name__ = name.rsplit(".", 1)[-1]
+    return run
+
+
+def relay(task: Task[Any, Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    app: TotangoCelery = task.app  # type: ignore[assignment]
+    settings = app.settings
+    request = task.request
+    attempt = request.retries + 1
+    first_attempt_at = header(request, FIRST_ATTEMPT_HEADER) or now_iso()
+    observability.record_queue_wait(header(request, ENQUEUED_AT_HEADER))
+    try:
+        event = events.from_message(
+            name,
+            kwargs,
+            event_id=request.id,
+            default_service_id=settings.service_id,
+            positional=args,
+        )
+    except InvalidEvent as exc:
+        dead_letter(
+            app,
+            Envelope(
+                reason=exc.code,
+                event_id=_event_id(kwargs, request.id),
+                task=name,
+                kwargs=kwargs,
+                attempts=0,
+                worker_host=HOSTNAME,
+                last_excerpt=str(exc),
+                task_id=request.id,
+            ),
+        )
+        return "dead_lettered"
+
+    with observability.gateway_call():
+        answer = process_gateway(settings).send(event)
+    observability.record_answer(answer.status, answer.method, answer.elapsed)
+    who = f"event_id={event.event_id} account={event.account_id} task={name}"
+    if is_delivered(answer.status):
+        observability.DELIVERED.labels(task=name).inc()
+        log.info("delivered %s attempt=%d", who, attempt)
+        return "delivered"
+
+    policy = RetryPolicy(
+        settings.max_retries,
+        settings.retry_backoff_base,
+        settings.retry_backoff_max,
+        settings.retry_after_max,
+    )
+    decision = decide(answer.status, request.retries, policy, answer.retry_after)
+    if decision.retry:
+        observability.RETRIED.labels(task=name, reason=answer.status).inc()
+        log.info(
+            "retrying %s attempt=%d status=%s next_delay=%.1fs",
+            who,
+            attempt,
+            answer.status,
+            decision.delay,
+        )
+        raise task.retry(
+            countdown=decision.delay,
+            max_retries=settings.max_retries,
+            exc=DeliveryFailed(answer.status, answer.retry_after, answer.excerpt),
+            headers={FIRST_ATTEMPT_HEADER: first_attempt_at},
+        )
+    dead_letter(
+        app,
+        Envelope(
+            reason=decision.reason,
+            event_id=event.event_id,
+            task=name,
+            kwargs=kwargs,
+            attempts=attempt,
+            worker_host=HOSTNAME,
+            first_attempt_at=first_attempt_at,
+            last_attempt_at=now_iso(),
+            last_status=answer.status,
+            last_excerpt=answer.excerpt,
+            task_id=request.id,
+        ),
+    )
+    return "dead_lettered"
+
+
+def dead_letter(app: TotangoCelery, envelope: Envelope) -> None:
+    """Publish the envelope (confirmed), count it and alert once."""
+    publish(app, envelope)
+    observability.DEAD_LETTERED.labels(
+        task=envelope.task or "unknown", reason=envelope.reason
+    ).inc()
+    observability.alert_dead_letter(envelope, app.settings)
+
+
+def header(request: Any, name: str) -> Any:
+    """A custom message header: Celery exposes them as request attributes."""
+    value = getattr(request, name, None)
+    if value is None and isinstance(request.headers, dict):
+        value = request.headers.get(name)
+    return value
+
+
+def _event_id(kwargs: Any, task_id: str | None) -> str | None:
+    if isinstance(kwargs, dict) and isinstance(kwargs.get("event_id"), str):
+        return str(kwargs["event_id"])
+    return task_id

@@ -1,0 +1,54 @@
+"""The broker topology that producers and workers share: exchanges, queues and their arguments.
+
+This is part of the public message contract. A producer that declares ``totango`` must
+declare it with exactly these arguments, or RabbitMQ answers PRECONDITION_FAILED.
+"""
+
+from __future__ import annotations
+
+from kombu import Exchange, Queue
+
+QUEUE = "totango"
+EXCHANGE = "totango"
+ROUTING_KEY = "totango"
+DEAD_LETTER_QUEUE = "totango.dead_letter"
+DEAD_LETTER_EXCHANGE = "totango.dlx"
+DEAD_LETTER_ROUTING_KEY = "totango.dead_letter"
+
+#: How many times RabbitMQ hands out one message before it dead-letters it. A message that
+#: kills the worker every time it is taken reaches the dead-letter queue after this many
+#: deliveries instead of cycling forever. Fixed, because it is a queue argument: changing it
+#: makes every producer's declaration fail. An operator policy can still override it.
+DELIVERY_LIMIT = 5
+
+#: A topic exchange, not direct: Celery's native delayed delivery for quorum queues (used for
+#: retry countdowns on RabbitMQ) routes only through topic exchanges.
+exchange = Exchange(EXCHANGE, type="topic", durable=True)
+dead_letter_exchange = Exchange(DEAD_LETTER_EXCHANGE, type="direct", durable=True)
+
+RABBITMQ_QUEUE_ARGUMENTS: dict[str, object] = {
+    "x-queue-type": "quorum",
+    "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+    "x-dead-letter-routing-key": DEAD_LETTER_ROUTING_KEY,
+    "x-delivery-limit": DELIVERY_LIMIT,
+}
+
+
+def task_queue(broker_kind: str) -> Queue:
+    """The main queue. Redis has no queue arguments, so it gets a plain declaration."""
+    arguments = RABBITMQ_QUEUE_ARGUMENTS if broker_kind == "rabbitmq" else None
+    return Queue(QUEUE, exchange, routing_key=ROUTING_KEY, durable=True, queue_arguments=arguments)
+
+
+def dead_letter_queue(broker_kind: str) -> Queue:
+    """The dead-letter queue. Celery declares only what it consumes, so this is declared
+    explicitly by the worker and by every publisher to it; otherwise messages routed to it
+    would vanish."""
+    arguments = {"x-queue-type": "quorum"} if broker_kind == "rabbitmq" else None
+    return Queue(
+        DEAD_LETTER_QUEUE,
+        dead_letter_exchange,
+        routing_key=DEAD_LETTER_ROUTING_KEY,
+        durable=True,
+        queue_arguments=arguments,
+    )
