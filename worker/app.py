@@ -81,6 +81,8 @@ def config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": transport_options(settings),
         "broker_pool_limit": max(10, settings.concurrency),
         "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # The filesystem transport has no broadcast between processes.
+        "worker_enable_remote_control": kind != "embedded",
     }
 
 
@@ -102,6 +104,15 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             "socket_timeout": 30,
             "socket_connect_timeout": 10,
             "health_check_interval": 25,
+        }
+    if kind == "embedded":
+        # The demo's broker: kombu's filesystem transport needs no server and no extra
+        # package; each message is a file, polled often so the demo stays quick.
+        return {
+            "data_folder_in": settings.filesystem_dir,
+            "data_folder_out": settings.filesystem_dir,
+            "control_folder": f"{settings.filesystem_dir}/control",
+            "polling_interval": 0.1,
         }
     return {}
 

@@ -62,6 +62,8 @@ class Settings:
     sentry_release: str | None = None
     sentry_send_pii: bool = False
     log_level: str = "INFO"
+    #: Where the embedded (``filesystem://``) broker of ``make demo`` keeps its messages.
+    filesystem_dir: str = ".demo/broker"
 
     @property
     def broker_kind(self) -> str:
@@ -123,6 +125,7 @@ class Settings:
             sentry_release=e.get("SENTRY_RELEASE") or None,
             sentry_send_pii=_bool(e, "TOTANGO_SENTRY_SEND_PII", d.sentry_send_pii),
             log_level=e.get("TOTANGO_LOG_LEVEL", d.log_level).upper(),
+            filesystem_dir=e.get("TOTANGO_FILESYSTEM_DIR", d.filesystem_dir),
         )
         settings.check_delays()
         return settings

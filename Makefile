@@ -1,0 +1,51 @@
+# totango-worker: every target sets itself up on a fresh machine (venv + locked install).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+
+.PHONY: help install demo test unit lint worker flower bench faults lock clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the locked dependencies
+	@true
+
+demo: install ## Run the whole flow: embedded broker, gateway emulator, a real worker
+	$(PY) -m worker demo
+
+lint: install ## ruff (lint + format check) and mypy --strict on worker/
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint ## Lint, then every test (needs RabbitMQ and Redis on 127.0.0.1)
+	$(BIN)/pytest
+
+unit: install ## Only the tests that need no broker
+	$(BIN)/pytest -m "not integration"
+
+worker: install ## Run a worker with sane defaults (settings from TOTANGO_* variables)
+	$(BIN)/celery -A worker.app worker --loglevel=INFO
+
+flower: install ## Run Flower against the configured broker (set FLOWER_BASIC_AUTH=user:pass)
+	@test -n "$$FLOWER_BASIC_AUTH" || { echo "set FLOWER_BASIC_AUTH=user:password first"; exit 2; }
+	$(BIN)/celery -A worker.app flower --address=127.0.0.1 --port=5555
+
+lock: ## Re-pin requirements.lock from pyproject.toml
+	$(BIN)/pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes -o requirements.lock
+
+clean: ## Remove the venv and generated files
+	rm -rf $(VENV) .demo .bench .mypy_cache .ruff_cache .pytest_cache .hypothesis
