@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery
 
 from worker.settings import Settings
-from worker.topology import QUEUE, ROUTING_KEY, exchange, task_queue
+from worker.topology import QUEUE, ROUTING_KEY, exchange_for, task_queue
 
 
 class TotangoCelery(Celery):
@@ -47,8 +47,8 @@ def config(settings: Settings) -> dict[str, Any]:
         "result_backend": None,
         "task_queues": [task_queue(kind)],
         "task_default_queue": QUEUE,
-        "task_default_exchange": exchange.name,
-        "task_default_exchange_type": exchange.type,
+        "task_default_exchange": exchange_for(kind).name,
+        "task_default_exchange_type": exchange_for(kind).type,
         "task_default_routing_key": ROUTING_KEY,
         "task_create_missing_queues": False,
         "task_routes": {"totango.*": {"queue": QUEUE}},

@@ -6,6 +6,7 @@ so an envelope is on the broker before the original message is acknowledged.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
@@ -67,9 +68,21 @@ def _headers(envelope: Envelope) -> dict[str, Any]:
 
 # --- reading the queue ------------------------------------------------------------------
 #
-# The queue is read by taking every message without acknowledging it. What is not
-# acknowledged goes back when the channel closes (RabbitMQ requeues it, kombu's Redis
-# transport restores it from its unacked hash), so a crash mid-way leaves it where it was.
+# RabbitMQ: every message is taken without an acknowledgement; what is not acknowledged is
+# requeued by the broker when the channel or the connection closes, even if this process
+# is killed. Redis: a message taken that way would sit in kombu's shared ``unacked`` hash
+# until the visibility timeout if this process died, so the list is read in place (LRANGE)
+# and an entry is removed (LREM) only when it is done with.
+
+
+class _RedisItem:
+    """One element of the Redis list; ``ack`` removes exactly that element."""
+
+    def __init__(self, client: Any, queue: str, raw: bytes) -> None:
+        self.client, self.queue, self.raw = client, queue, raw
+
+    def ack(self) -> None:
+        self.client.lrem(self.queue, 1, self.raw)
 
 
 @dataclass
@@ -114,19 +127,32 @@ def envelope_of(message: Any) -> Envelope:
 
 @contextmanager
 def opened(app: Celery) -> Iterator[list[Entry]]:
-    """Every entry of the dead-letter queue, held unacknowledged until the block ends."""
-    queue = dead_letter_queue(broker_kind(app.conf.broker_url))
+    """Every entry of the dead-letter queue, oldest first, in place until acknowledged."""
+    kind = broker_kind(app.conf.broker_url)
+    queue = dead_letter_queue(kind)
     with app.connection_for_write() as connection:
         channel: Any = connection.channel()
         try:
             bound = queue(channel)
             bound.declare()
+            if kind == "redis":
+                yield _redis_entries(channel, queue.name)
+                return
             entries = []
             while (message := bound.get(no_ack=False)) is not None:
                 entries.append(Entry(envelope_of(message), message))
             yield entries
         finally:
             channel.close()
+
+
+def _redis_entries(channel: Any, queue: str) -> list[Entry]:
+    entries = []
+    # kombu pushes on the left and consumers pop on the right: the right end is the oldest.
+    for raw in reversed(channel.client.lrange(queue, 0, -1)):
+        message = channel.Message(json.loads(raw), channel=channel)
+        entries.append(Entry(envelope_of(message), _RedisItem(channel.client, queue, raw)))
+    return entries
 
 
 def browse(app: Celery, timeout: float = 0.0) -> list[Envelope]:

@@ -29,15 +29,20 @@ MAX_VALUE_LENGTH = 4096
 MAX_ATTRIBUTES = 100
 MAX_EVENT_ID_LENGTH = 128
 
-SERVICE_ID_RE = re.compile(r"^SP-\d+-\d+$")
+#: Matched with ``fullmatch`` and ASCII digits only: ``$`` would let a trailing newline
+#: through, and ``\d`` alone would accept non-ASCII digits such as ``١٢٠٠``.
+SERVICE_ID_RE = re.compile(r"SP-[0-9]+-[0-9]+")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_PLAIN_NUMBER_RE = re.compile(r"^-?\d+(\.\d+)?$")
+_PLAIN_NUMBER_RE = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 
 DATE_ATTRIBUTES = frozenset({"Create Date", "Contract Renewal Date", "Contract Start Date"})
 YES_NO_ATTRIBUTES = frozenset({"Contact", "Key Contact"})
 NUMBER_ATTRIBUTES = frozenset({"Contract Value"})
 
 AttributeValue = str | int | float | bool | None
+
+#: An int with more bits than this has more than MAX_VALUE_LENGTH digits (log10(2) < 0.302).
+_MAX_INT_BITS = int(MAX_VALUE_LENGTH / 0.302)
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ def update_account(
     default_service_id: str | None = None,
 ) -> Event:
     """Account attributes; ``writeback=True`` asks Totango to write them to Salesforce."""
-    ids = _ids(service_id, default_service_id, account_id, None, event_id)
+    ids = _ids(service_id, default_service_id, account_id, _NO_USER, event_id)
     attrs = _account_name(account_name, attributes) + _attributes("sdr_o", "attributes", attributes)
     if not attrs:
         raise InvalidEvent("attributes", "at least one account attribute is required")
@@ -144,21 +149,26 @@ def from_message(
     accepted = _parameters(builder)
     for name in kwargs:
         if name not in accepted:
-            raise InvalidEvent(str(name)[:MAX_NAME_LENGTH], "is not an argument of " + task)
+            # An unknown name is echoed only when it is safe text: the field becomes the
+            # dead-letter reason, a metric label and a Sentry tag.
+            field = name if isinstance(name, str) and _is_safe_name(name) else "arguments"
+            raise InvalidEvent(field, "is not an argument of " + task)
+    # Named here rather than read back from the TypeError of the call, whose wording
+    # changes when two arguments are missing ("arguments: 'a' and 'b'").
+    for name in accepted:
+        if name not in kwargs and name not in (builder.__kwdefaults__ or {}):
+            raise InvalidEvent(name, "is required")
     args = dict(kwargs)
     if args.get("event_id") is None:
         args["event_id"] = event_id
-    try:
-        return builder(**args, default_service_id=default_service_id)
-    except TypeError as exc:  # a required keyword argument is missing
-        missing = re.search(r"argument: '(\w+)'", str(exc))
-        raise InvalidEvent(missing.group(1) if missing else "arguments", "is required") from None
+    return builder(**args, default_service_id=default_service_id)
 
 
-def _parameters(builder: Callable[..., Event]) -> frozenset[str]:
+def _parameters(builder: Callable[..., Event]) -> tuple[str, ...]:
+    """The keyword arguments of a builder, in signature order (so errors are stable)."""
     code = builder.__code__
     names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
-    return frozenset(names) - {"default_service_id"}
+    return tuple(name for name in names if name != "default_service_id")
 
 
 @dataclass(frozen=True)
@@ -177,18 +187,22 @@ class _Ids:
         )
 
 
+#: Marks a kind of call that takes no user (an account update), as opposed to a user id of None.
+_NO_USER: Any = object()
+
+
 def _ids(
     service_id: Any, default_service_id: str | None, account_id: Any, user_id: Any, event_id: Any
 ) -> _Ids:
     sid = default_service_id if service_id is None else service_id
     if sid is None:
         raise InvalidEvent("service_id", "is required (no TOTANGO_SERVICE_ID default is set)")
-    if not isinstance(sid, str) or not SERVICE_ID_RE.match(sid):
+    if not isinstance(sid, str) or not SERVICE_ID_RE.fullmatch(sid):
         raise InvalidEvent("service_id", "must look like SP-<digits>-<digits>")
     account = _id("account_id", account_id)
     head = [("sdr_s", sid), ("sdr_o", account)]
     user = None
-    if user_id is not None:
+    if user_id is not _NO_USER:  # mandatory where it is taken: None is refused, not dropped
         user = _id("user_id", user_id)
         head.append(("sdr_u", user))
     eid = None
@@ -200,6 +214,8 @@ def _ids(
 def _id(field: str, value: Any) -> str:
     """Ids are non-empty strings; an integer id is accepted and sent as its decimal form."""
     if isinstance(value, int) and not isinstance(value, bool):
+        if value.bit_length() > _MAX_INT_BITS:  # str() would raise a bare ValueError
+            raise InvalidEvent(field, f"is longer than {MAX_ID_LENGTH} characters")
         value = str(value)
     return _text(field, value, limit=MAX_ID_LENGTH)
 
@@ -243,13 +259,26 @@ def _attributes(prefix: str, field: str, attributes: Any) -> list[tuple[str, str
         raise InvalidEvent(field, f"has more than {MAX_ATTRIBUTES} attributes")
     out = []
     for name, value in attributes.items():
-        if not isinstance(name, str):
-            raise InvalidEvent(field, "attribute names must be strings")
-        _text(name if name.strip() else field, name)
+        if not isinstance(name, str) or not _is_safe_name(name):
+            # A bad name is reported under its container, never echoed: the field becomes
+            # the dead-letter reason, a metric label and a Sentry tag.
+            raise InvalidEvent(
+                field,
+                "has an attribute name that is not a non-empty string of at most "
+                f"{MAX_NAME_LENGTH} characters in UTF-8 without control characters",
+            )
         rendered = attribute_value(name, value)
         if rendered is not None:
             out.append((f"{prefix}.{name}", rendered))
     return out
+
+
+def _is_safe_name(name: str) -> bool:
+    try:
+        _text("name", name)
+    except InvalidEvent:
+        return False
+    return True
 
 
 def attribute_value(name: str, value: AttributeValue | object) -> str | None:
@@ -262,9 +291,9 @@ def attribute_value(name: str, value: AttributeValue | object) -> str | None:
         if value not in ("yes", "no"):
             raise InvalidEvent(name, "must be exactly 'yes' or 'no' (lowercase), or a bool")
         return str(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
+    if isinstance(value, bool):  # still checked below: a bool is no date and no number
+        text = "true" if value else "false"
+    elif isinstance(value, int | float):
         text = _number(name, value)
     elif isinstance(value, str):
         text = value
@@ -273,7 +302,7 @@ def attribute_value(name: str, value: AttributeValue | object) -> str | None:
     if len(text) > MAX_VALUE_LENGTH:
         raise InvalidEvent(name, f"is longer than {MAX_VALUE_LENGTH} characters")
     _utf8(name, text)
-    if name in NUMBER_ATTRIBUTES and not _PLAIN_NUMBER_RE.match(text):
+    if name in NUMBER_ATTRIBUTES and not _PLAIN_NUMBER_RE.fullmatch(text):
         raise InvalidEvent(name, "must be a plain number such as 1200.5 (no separators or signs)")
     if name in DATE_ATTRIBUTES and not _is_iso8601(text):
         raise InvalidEvent(name, "must be an ISO 8601 date such as 2026-01-31")
@@ -282,6 +311,9 @@ def attribute_value(name: str, value: AttributeValue | object) -> str | None:
 
 def _number(name: str, value: float) -> str:
     if isinstance(value, int):
+        # str() refuses an int of more than 4300 digits with a bare ValueError.
+        if value.bit_length() > _MAX_INT_BITS:
+            raise InvalidEvent(name, f"is longer than {MAX_VALUE_LENGTH} characters")
         return str(value)
     if not math.isfinite(value):
         raise InvalidEvent(name, "must be a finite number")

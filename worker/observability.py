@@ -41,7 +41,8 @@ QUEUE_WAIT = Histogram(
     "totango_queue_wait_seconds", "Time from enqueue to the start of the task", buckets=WAIT_BUCKETS
 )
 
-_EMAIL_RE = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
+#: An email address, also percent-encoded (``%40``) as it is inside a gateway URL.
+_EMAIL_RE = re.compile(r"[\w.+%-]+(?:@|%40)[\w-]+(?:\.[\w-]+)+", re.IGNORECASE)
 
 
 def configure_logging(level: str) -> None:
@@ -124,7 +125,8 @@ def init_sentry(settings: Settings) -> bool:
         dsn=settings.sentry_dsn,
         environment=settings.sentry_environment,
         release=settings.sentry_release,
-        send_default_pii=False,
+        # send_default_pii is left unset: off is its default, and sentry-sdk 2.75 deprecates
+        # passing it (a DeprecationWarning at start). Personal data is handled by before_send.
         before_send=before_send,  # type: ignore[arg-type]
         before_breadcrumb=before_breadcrumb,
         integrations=[
@@ -197,6 +199,9 @@ _PII_KEYS = {
     "kwargs",
     "args",
     "raw_body",
+    # sentry-sdk's http breadcrumbs: a gateway call's query string is the event itself.
+    "http.query",
+    "http.fragment",
 }
 
 

@@ -7,6 +7,7 @@ Tests build settings from a plain dict (``Settings.from_env({...})``) instead of
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -22,7 +23,8 @@ REGION_GATEWAYS = {
     "eu": "https://sdr-eu1.totango.com/pixel.gif",
 }
 
-SERVICE_ID_RE = re.compile(r"^SP-\d+-\d+$")
+#: Matched with ``fullmatch`` and ASCII digits: ``$`` would let a trailing newline through.
+SERVICE_ID_RE = re.compile(r"SP-[0-9]+-[0-9]+")
 
 #: RabbitMQ's default ``consumer_timeout`` (30 minutes). A delayed retry held by a consumer
 #: for longer makes the broker close the channel with PRECONDITION_FAILED.
@@ -82,7 +84,7 @@ class Settings:
         gateway_url = e.get("TOTANGO_GATEWAY_URL") or REGION_GATEWAYS[region]
         _check_gateway_url(gateway_url, allow_insecure)
         service_id = e.get("TOTANGO_SERVICE_ID") or None
-        if service_id is not None and not SERVICE_ID_RE.match(service_id):
+        if service_id is not None and not SERVICE_ID_RE.fullmatch(service_id):
             raise ConfigError("TOTANGO_SERVICE_ID", "must look like SP-<digits>-<digits>")
         method = e.get("TOTANGO_HTTP_METHOD", d.http_method).upper()
         if method not in {"GET", "POST"}:
@@ -170,7 +172,10 @@ class Settings:
 
 
 def broker_kind(url: str) -> str:
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:  # urlsplit refuses a malformed IPv6 host such as "[::1"
+        raise ConfigError("TOTANGO_BROKER_URL", "is not a valid URL") from None
     if scheme in {"amqp", "amqps", "pyamqp"}:
         return "rabbitmq"
     if scheme in {"redis", "rediss"}:
@@ -192,7 +197,10 @@ def is_loopback(host: str) -> bool:
 
 
 def _check_gateway_url(url: str, allow_insecure: bool) -> None:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # urlsplit refuses a malformed IPv6 host such as "[::1"
+        raise ConfigError("TOTANGO_GATEWAY_URL", f"is not a valid URL; got {url!r}") from None
     if parts.scheme not in {"https", "http"} or not parts.hostname:
         raise ConfigError("TOTANGO_GATEWAY_URL", f"must be an https:// URL; got {url!r}")
     if parts.scheme == "http" and not (is_loopback(parts.hostname) or allow_insecure):
@@ -223,7 +231,9 @@ def _float(env: Mapping[str, str], name: str, default: float, low: float) -> flo
         value = float(raw)
     except ValueError:
         raise ConfigError(name, f"must be a number; got {raw!r}") from None
-    if not value >= low:  # also rejects NaN
+    if not math.isfinite(value):  # an infinite timeout or delay is a hang, not a limit
+        raise ConfigError(name, f"must be a finite number; got {raw!r}")
+    if value < low:
         raise ConfigError(name, f"must be at least {low:g}; got {raw}")
     return value
 

@@ -21,10 +21,21 @@ DEAD_LETTER_ROUTING_KEY = "totango.dead_letter"
 #: makes every producer's declaration fail. An operator policy can still override it.
 DELIVERY_LIMIT = 5
 
-#: A topic exchange, not direct: Celery's native delayed delivery for quorum queues (used for
-#: retry countdowns on RabbitMQ) routes only through topic exchanges.
+#: On RabbitMQ a topic exchange, not direct: Celery's native delayed delivery for quorum
+#: queues (used for retry countdowns) routes only through topic exchanges.
 exchange = Exchange(EXCHANGE, type="topic", durable=True)
 dead_letter_exchange = Exchange(DEAD_LETTER_EXCHANGE, type="direct", durable=True)
+#: On Redis, kombu keeps exchange bindings as Redis keys, and remembers in memory that it
+#: made them. If Redis restarts without persistence, the keys are gone, nothing re-creates
+#: them, and a message published to the exchange is dropped without an error. Publishing to
+#: the default exchange puts a message straight on the list named by its routing key, with
+#: no binding to lose.
+default_exchange = Exchange("")
+
+
+def exchange_for(broker_kind: str) -> Exchange:
+    return exchange if broker_kind == "rabbitmq" else default_exchange
+
 
 RABBITMQ_QUEUE_ARGUMENTS: dict[str, object] = {
     "x-queue-type": "quorum",
@@ -37,18 +48,24 @@ RABBITMQ_QUEUE_ARGUMENTS: dict[str, object] = {
 def task_queue(broker_kind: str) -> Queue:
     """The main queue. Redis has no queue arguments, so it gets a plain declaration."""
     arguments = RABBITMQ_QUEUE_ARGUMENTS if broker_kind == "rabbitmq" else None
-    return Queue(QUEUE, exchange, routing_key=ROUTING_KEY, durable=True, queue_arguments=arguments)
+    return Queue(
+        QUEUE,
+        exchange_for(broker_kind),
+        routing_key=ROUTING_KEY,
+        durable=True,
+        queue_arguments=arguments,
+    )
 
 
 def dead_letter_queue(broker_kind: str) -> Queue:
     """The dead-letter queue. Celery declares only what it consumes, so this is declared
     explicitly by the worker and by every publisher to it; otherwise messages routed to it
     would vanish."""
-    arguments = {"x-queue-type": "quorum"} if broker_kind == "rabbitmq" else None
+    rabbitmq = broker_kind == "rabbitmq"
     return Queue(
         DEAD_LETTER_QUEUE,
-        dead_letter_exchange,
+        dead_letter_exchange if rabbitmq else default_exchange,
         routing_key=DEAD_LETTER_ROUTING_KEY,
         durable=True,
-        queue_arguments=arguments,
+        queue_arguments={"x-queue-type": "quorum"} if rabbitmq else None,
     )
