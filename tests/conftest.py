@@ -45,13 +45,13 @@ def env_for(
 
 
 @pytest.fixture
-def start_worker(
-    tmp_path: Path,
-) -> Iterator[Callable[..., AbstractContextManager[Popen[bytes]]]]:
+def start_worker(tmp_path: Path) -> Callable[..., AbstractContextManager[Popen[bytes]]]:
+    """Start a real worker as a context manager; its output goes to tmp_path/worker.log."""
+
     def start(env: dict[str, str], *args: str) -> AbstractContextManager[Popen[bytes]]:
         return running_worker(env, tmp_path / "worker.log", args)
 
-    yield start
+    return start
 
 
 @pytest.fixture

@@ -51,7 +51,6 @@ class Gateway:
         size = pool_size or settings.concurrency
         self.session = requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
-        self.session.max_redirects = 0
         adapter = TLS12Adapter(pool_connections=4, pool_maxsize=size, max_retries=0)
         self.session.mount("https://", adapter)
         self.session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=size))

@@ -1,0 +1,291 @@
+"""The message contract seen from a producer that does not import this package.
+
+A producer in another code base knows only the queue, the task names and their keyword
+arguments. ``PRODUCER_CONFIG`` below is the configuration the README documents, verbatim; the
+tests run it in a separate interpreter that imports only celery and kombu, and check that
+the real worker delivers exactly the documented parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from subprocess import Popen
+from typing import Any
+
+import pytest
+from amqp.exceptions import PreconditionFailed
+from celery import Celery
+from kombu import Exchange, Queue
+
+from worker.emulator import Call, GatewayEmulator
+from worker.topology import RABBITMQ_QUEUE_ARGUMENTS, task_queue
+
+Env = dict[str, str]
+StartWorker = Callable[..., AbstractContextManager[Popen[bytes]]]
+
+DELIVERY_TIMEOUT = 20.0
+PRODUCER_TIMEOUT = 60.0
+DEFAULT_SERVICE_ID = "SP-1234-56"  # what tests.workers.worker_env sets
+
+# ---- README: producer configuration (copied verbatim into the README) --------------------
+PRODUCER_CONFIG = '''\
+from celery import Celery
+from kombu import Exchange, Queue
+
+# The totango queue exactly as the worker declares it. RabbitMQ refuses a declaration with
+# any other arguments (PRECONDITION_FAILED); Redis ignores the arguments.
+TOTANGO_QUEUE = Queue(
+    "totango",
+    Exchange("totango", type="topic"),
+    routing_key="totango",
+    queue_arguments={
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": "totango.dlx",
+        "x-dead-letter-routing-key": "totango.dead_letter",
+        "x-delivery-limit": 5,
+    },
+)
+
+
+def declaring_producer(broker_url: str) -> Celery:
+    """Declares the queue on first publish, so it may start before any worker has.
+    Publish with: app.send_task("totango.track_activity", kwargs={...})"""
+    app = Celery("producer", broker=broker_url)
+    app.conf.update(
+        task_queues=[TOTANGO_QUEUE],
+        task_default_queue="totango",
+        task_serializer="json",
+        broker_transport_options={"confirm_publish": True},
+    )
+    return app
+
+
+def plain_producer(broker_url: str) -> Celery:
+    """Declares nothing: the worker must have started once, so the queue exists.
+    Publish with: app.send_task("totango.track_activity", kwargs={...},
+                                queue="totango", declare=[])
+    (The message goes through the default exchange straight to the queue, on RabbitMQ and
+    on Redis alike. Not exchange="totango": on Redis that exchange has no binding.)"""
+    app = Celery("producer", broker=broker_url)
+    app.conf.update(
+        task_serializer="json",
+        broker_transport_options={"confirm_publish": True},
+    )
+    return app
+'''
+# ---- end of README ---------------------------------------------------------------------
+
+#: Runs after PRODUCER_CONFIG in the producer's own interpreter: publish every event by task
+#: name with keyword arguments only, then prove that no module of this package was loaded.
+PRODUCER_DRIVER = """
+
+def main() -> None:
+    import json
+    import sys
+
+    broker_url, events_path, style = sys.argv[1], sys.argv[2], sys.argv[3]
+    with open(events_path, encoding="utf-8") as f:
+        events = json.load(f)[style]
+    app = declaring_producer(broker_url) if style == "declaring" else plain_producer(broker_url)
+    try:
+        for event in events:
+            if style == "declaring":
+                app.send_task(event["task"], kwargs=event["kwargs"])
+            else:
+                app.send_task(event["task"], kwargs=event["kwargs"], queue="totango", declare=[])
+    finally:
+        app.close()
+    ours = sorted(m for m in sys.modules if m == "worker" or m.startswith("worker."))
+    assert not ours, ours
+    print("published", len(events))
+
+
+main()
+"""
+
+
+def documented_events(style: str) -> list[dict[str, Any]]:
+    """One event of each kind, and the parameters the API document says it becomes."""
+    account = f"{style} a&b=c #1 + ünï"
+    return [
+        {
+            "task": "totango.track_activity",
+            "kwargs": {
+                "account_id": account,
+                "user_id": "jo+test@exämple.com",
+                "activity": "Log in",
+                "module": "App & Co",
+                "account_name": "ACME Ünïcode",
+                "account_attributes": {"Account Type": "Demo", "gone": None},
+                "user_attributes": {"Contact": True, "role": "admin"},
+            },
+            "params": [
+                ["sdr_s", DEFAULT_SERVICE_ID],
+                ["sdr_o", account],
+                ["sdr_u", "jo+test@exämple.com"],
+                ["sdr_a", "Log in"],
+                ["sdr_m", "App & Co"],
+                ["sdr_o.account_name", "ACME Ünïcode"],
+                ["sdr_o.Account Type", "Demo"],
+                ["sdr_u.Contact", "yes"],
+                ["sdr_u.role", "admin"],
+            ],
+        },
+        {
+            "task": "totango.update_account",
+            "kwargs": {
+                "account_id": f"{style}-account",
+                "attributes": {"Contract Value": 1200, "Create Date": "2026-01-31"},
+                "account_name": "Two & Co",
+                "writeback": True,
+                "service_id": "SP-77-1",
+                "event_id": f"{style}-event-2",
+            },
+            "params": [
+                ["sdr_s", "SP-77-1"],
+                ["sdr_o", f"{style}-account"],
+                ["sdr_o.account_name", "Two & Co"],
+                ["sdr_o.Contract Value", "1200"],
+                ["sdr_o.Create Date", "2026-01-31"],
+                ["enableWriteback", "true"],
+            ],
+        },
+        {
+            "task": "totango.update_user",
+            "kwargs": {
+                "account_id": f"{style}-user",
+                "user_id": "user 3",
+                "attributes": {"Key Contact": False, "title": "Boss"},
+                "account_attributes": {"parent_id": account},
+            },
+            "params": [
+                ["sdr_s", DEFAULT_SERVICE_ID],
+                ["sdr_o", f"{style}-user"],
+                ["sdr_u", "user 3"],
+                ["sdr_o.parent_id", account],
+                ["sdr_u.Key Contact", "no"],
+                ["sdr_u.title", "Boss"],
+            ],
+        },
+    ]
+
+
+def producer_env() -> dict[str, str]:
+    """The producer's environment: nothing of the worker's settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("TOTANGO_", "SENTRY_"))}
+
+
+def delivered_params(calls: list[Call]) -> dict[str, list[list[str]]]:
+    """Delivered calls by account id, each as its sorted decoded parameter list."""
+    return {
+        dict(call.params)["sdr_o"]: sorted([list(pair) for pair in call.params])
+        for call in calls
+        if call.status == 200
+    }
+
+
+@pytest.fixture
+def worker(env_for: Callable[..., Env], start_worker: StartWorker) -> Iterator[Popen[bytes]]:
+    """A real worker; it declares the topology when it starts."""
+    with start_worker(env_for()) as proc:
+        yield proc
+
+
+def run_producer(broker_url: str, tmp_path: Path, style: str) -> None:
+    """Run the README's producer in an interpreter of its own, in an empty directory."""
+    run = subprocess.run(
+        [sys.executable, "producer.py", broker_url, "events.json", style],
+        cwd=tmp_path,
+        env=producer_env(),
+        capture_output=True,
+        text=True,
+        timeout=PRODUCER_TIMEOUT,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "published 3" in run.stdout, run.stdout + run.stderr
+
+
+def test_the_documented_queue_is_the_one_the_worker_declares(tmp_path: Path) -> None:
+    """The README's queue has the worker's name, exchange, routing key and arguments, so
+    the two cannot drift apart unnoticed (on RabbitMQ a drift is PRECONDITION_FAILED)."""
+    config = tmp_path / "producer_config.py"
+    config.write_text(PRODUCER_CONFIG, encoding="utf-8")
+    documented = runpy.run_path(str(config))["TOTANGO_QUEUE"]
+    declared = task_queue("rabbitmq")
+    assert declared.exchange is not None
+    assert (documented.name, documented.routing_key) == (declared.name, declared.routing_key)
+    assert (documented.exchange.name, documented.exchange.type) == (
+        declared.exchange.name,
+        declared.exchange.type,
+    )
+    assert documented.durable
+    assert documented.exchange.durable
+    assert documented.queue_arguments == RABBITMQ_QUEUE_ARGUMENTS
+
+
+@pytest.mark.integration
+def test_a_producer_that_does_not_import_the_package_is_delivered(
+    broker_url: str,
+    env_for: Callable[..., Env],
+    start_worker: StartWorker,
+    gateway: GatewayEmulator,
+    tmp_path: Path,
+) -> None:
+    """The README's producer configuration, run in its own interpreter that imports only
+    celery and kombu, publishes every task kind by name with keyword arguments only. The
+    declaring producer may publish before any worker has started; the plain producer
+    (``queue="totango", declare=[]``) declares nothing. The real worker delivers each event
+    once with exactly the documented parameters, also after a retry (the worker republishes
+    a foreign message correctly)."""
+    events = {style: documented_events(style) for style in ("declaring", "plain")}
+    (tmp_path / "producer.py").write_text(PRODUCER_CONFIG + PRODUCER_DRIVER, encoding="utf-8")
+    (tmp_path / "events.json").write_text(json.dumps(events), encoding="utf-8")
+    gateway.add_rule({"sdr_o": "declaring-account"}, [503])
+    gateway.add_rule({"sdr_o": "plain-account"}, [503])
+
+    run_producer(broker_url, tmp_path, "declaring")  # no worker yet: the producer declares
+    with start_worker(env_for()):
+        run_producer(broker_url, tmp_path, "plain")
+        expected = {
+            dict(map(tuple, event["params"]))["sdr_o"]: sorted(event["params"])
+            for style in events.values()
+            for event in style
+        }
+        gateway.wait_for(len(expected), timeout=DELIVERY_TIMEOUT)
+        time.sleep(0.5)  # a duplicate would show up here
+    assert delivered_params(gateway.calls()) == expected
+    assert len(gateway.delivered()) == len(expected)
+    assert len(gateway.calls()) == len(expected) + 2  # plus the two 503 answers
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("broker_url", ["rabbitmq"], indirect=True)
+@pytest.mark.usefixtures("worker")
+def test_declaring_the_queue_with_other_arguments_is_refused(broker_url: str) -> None:
+    """The queue arguments are part of the contract: once the worker has declared
+    ``totango`` as a quorum queue, a producer declaring it as a classic queue (no arguments)
+    fails with PRECONDITION_FAILED instead of publishing."""
+    app = Celery("careless-producer", broker=broker_url, set_as_current=False)
+    app.conf.update(
+        task_queues=[Queue("totango", Exchange("totango", type="topic"), routing_key="totango")],
+        task_default_queue="totango",
+        task_serializer="json",
+        broker_transport_options={"confirm_publish": True},
+    )
+    try:
+        with pytest.raises(PreconditionFailed, match="PRECONDITION_FAILED"):
+            app.send_task(
+                "totango.update_account",
+                kwargs={"account_id": "acme", "attributes": {"plan": "gold"}},
+            )
+    finally:
+        app.close()
