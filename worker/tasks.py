@@ -17,6 +17,7 @@ from worker.envelope import Envelope, now_iso
 from worker.errors import DeliveryFailed, InvalidEvent
 from worker.gateway import process_gateway
 from worker.retry import RetryPolicy, decide, is_delivered
+from worker.topology import QUEUE
 
 if TYPE_CHECKING:
     from worker.app import TotangoCelery
@@ -53,7 +54,8 @@ def relay(task: Task[Any, Any], name: str, args: tuple[Any, ...], kwargs: dict[s
     request = task.request
     attempt = request.retries + 1
     first_attempt_at = header(request, FIRST_ATTEMPT_HEADER) or now_iso()
-    observability.record_queue_wait(header(request, ENQUEUED_AT_HEADER))
+    if request.retries == 0:  # a retry's wait is its backoff, not a backlog
+        observability.record_queue_wait(header(request, ENQUEUED_AT_HEADER))
     try:
         event = events.from_message(
             name,
@@ -108,6 +110,9 @@ def relay(task: Task[Any, Any], name: str, args: tuple[Any, ...], kwargs: dict[s
             max_retries=settings.max_retries,
             exc=DeliveryFailed(answer.status, answer.retry_after, answer.excerpt),
             headers={FIRST_ATTEMPT_HEADER: first_attempt_at},
+            # Route the retry by queue, not by the exchange the producer happened to use:
+            # on Redis a producer's exchange binding is a key that a restart can lose.
+            queue=QUEUE,
         )
     dead_letter(
         app,
