@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -35,53 +36,20 @@ DELIVERY_TIMEOUT = 20.0
 PRODUCER_TIMEOUT = 60.0
 DEFAULT_SERVICE_ID = "SP-1234-56"  # what tests.workers.worker_env sets
 
-# ---- README: producer configuration (copied verbatim into the README) --------------------
-PRODUCER_CONFIG = '''\
-from celery import Celery
-from kombu import Exchange, Queue
-
-# The totango queue exactly as the worker declares it. RabbitMQ refuses a declaration with
-# any other arguments (PRECONDITION_FAILED); Redis ignores the arguments.
-TOTANGO_QUEUE = Queue(
-    "totango",
-    Exchange("totango", type="topic"),
-    routing_key="totango",
-    queue_arguments={
-        "x-queue-type": "quorum",
-        "x-dead-letter-exchange": "totango.dlx",
-        "x-dead-letter-routing-key": "totango.dead_letter",
-        "x-delivery-limit": 5,
-    },
+# The producer configuration is the README's own code block, run as it is written there.
+README = Path(__file__).resolve().parent.parent / "README.md"
+_CONFIG_RE = re.compile(
+    r"<!-- producer-config:start -->\s*```python\n(.*?)```\s*<!-- producer-config:end -->", re.S
 )
 
 
-def declaring_producer(broker_url: str) -> Celery:
-    """Declares the queue on first publish, so it may start before any worker has.
-    Publish with: app.send_task("totango.track_activity", kwargs={...})"""
-    app = Celery("producer", broker=broker_url)
-    app.conf.update(
-        task_queues=[TOTANGO_QUEUE],
-        task_default_queue="totango",
-        task_serializer="json",
-        broker_transport_options={"confirm_publish": True},
-    )
-    return app
+def _readme_config() -> str:
+    found = _CONFIG_RE.search(README.read_text(encoding="utf-8"))
+    assert found, "README.md lost its producer-config block"
+    return found.group(1)
 
 
-def plain_producer(broker_url: str) -> Celery:
-    """Declares nothing: the worker must have started once, so the queue exists.
-    Publish with: app.send_task("totango.track_activity", kwargs={...},
-                                queue="totango", declare=[])
-    (The message goes through the default exchange straight to the queue, on RabbitMQ and
-    on Redis alike. Not exchange="totango": on Redis that exchange has no binding.)"""
-    app = Celery("producer", broker=broker_url)
-    app.conf.update(
-        task_serializer="json",
-        broker_transport_options={"confirm_publish": True},
-    )
-    return app
-'''
-# ---- end of README ---------------------------------------------------------------------
+PRODUCER_CONFIG = _readme_config()
 
 #: Runs after PRODUCER_CONFIG in the producer's own interpreter: publish every event by task
 #: name with keyword arguments only, then prove that no module of this package was loaded.
