@@ -20,6 +20,13 @@ from worker.settings import Settings
 BROKERS = ["rabbitmq", "redis"]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that takes a real broker is an integration test (``make unit`` skips them)."""
+    for item in items:
+        if "broker_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture
 def gateway() -> Iterator[GatewayEmulator]:
     """A real HTTP gateway on loopback that records calls and can be told to fail."""
