@@ -17,21 +17,23 @@ START_TIMEOUT = 60.0
 def worker_env(broker_url: str, gateway_url: str, tmp: Path, **extra: str) -> dict[str, str]:
     """Settings for a test worker: fast retries, no metrics port, a private heartbeat file."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TOTANGO_", "SENTRY_"))}
-    env.update({
-        "TOTANGO_BROKER_URL": broker_url,
-        "TOTANGO_GATEWAY_URL": gateway_url,
-        "TOTANGO_SERVICE_ID": "SP-1234-56",
-        "TOTANGO_MAX_RETRIES": "2",
-        "TOTANGO_RETRY_BACKOFF_BASE": "0.2",
-        "TOTANGO_RETRY_BACKOFF_MAX": "1",
-        "TOTANGO_RETRY_AFTER_MAX": "5",
-        "TOTANGO_CONNECT_TIMEOUT": "1",
-        "TOTANGO_READ_TIMEOUT": "2",
-        "TOTANGO_METRICS_PORT": "0",
-        "TOTANGO_CONCURRENCY": "4",
-        "TOTANGO_HEARTBEAT_FILE": str(tmp / "heartbeat"),
-        "TOTANGO_LOG_LEVEL": "INFO",
-    })
+    env.update(
+        {
+            "TOTANGO_BROKER_URL": broker_url,
+            "TOTANGO_GATEWAY_URL": gateway_url,
+            "TOTANGO_SERVICE_ID": "SP-1234-56",
+            "TOTANGO_MAX_RETRIES": "2",
+            "TOTANGO_RETRY_BACKOFF_BASE": "0.2",
+            "TOTANGO_RETRY_BACKOFF_MAX": "1",
+            "TOTANGO_RETRY_AFTER_MAX": "5",
+            "TOTANGO_CONNECT_TIMEOUT": "1",
+            "TOTANGO_READ_TIMEOUT": "2",
+            "TOTANGO_METRICS_PORT": "0",
+            "TOTANGO_CONCURRENCY": "4",
+            "TOTANGO_HEARTBEAT_FILE": str(tmp / "heartbeat"),
+            "TOTANGO_LOG_LEVEL": "INFO",
+        }
+    )
     env.update(extra)
     return env
 
@@ -45,10 +47,25 @@ def running_worker(
     heartbeat.unlink(missing_ok=True)
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-             "--loglevel", env.get("TOTANGO_LOG_LEVEL", "INFO"), "--without-mingle",
-             "--without-gossip", "-n", f"test-{os.getpid()}-{time.monotonic_ns()}@%h", *args],
-            env=dict(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "--loglevel",
+                env.get("TOTANGO_LOG_LEVEL", "INFO"),
+                "--without-mingle",
+                "--without-gossip",
+                "-n",
+                f"test-{os.getpid()}-{time.monotonic_ns()}@%h",
+                *args,
+            ],
+            env=dict(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + START_TIMEOUT
