@@ -257,8 +257,11 @@ def test_dockerfile_builds_lock_first_and_runs_as_non_root() -> None:
     assert keywords.index("USER") > runtime_from
 
     env = " ".join(args for keyword, args in instructions[runtime_from:] if keyword == "ENV")
-    for setting in ("PATH=/opt/venv/bin:$PATH", "PYTHONUNBUFFERED=1", "PROMETHEUS_MULTIPROC_DIR="):
+    for setting in ("PATH=/opt/venv/bin:$PATH", "PYTHONUNBUFFERED=1"):
         assert setting in env
+    # prometheus_client turns multiprocess mode on when the variable merely exists (even
+    # empty), so only the worker sets it; Flower and the tools in the same image must not.
+    assert "PROMETHEUS_MULTIPROC_DIR" not in env
 
     assert ("STOPSIGNAL", "SIGTERM") in instructions
     assert ("EXPOSE", "9808") in instructions
@@ -357,6 +360,10 @@ def test_compose_flower_has_auth_and_loopback_only_ports() -> None:
     for name in flower["environment"]:
         if name.startswith("FLOWER_"):
             assert name.removeprefix("FLOWER_").lower() in options, name
+    # Even an empty PROMETHEUS_MULTIPROC_DIR turns multiprocess mode on (files in the cwd).
+    assert "PROMETHEUS_MULTIPROC_DIR" not in flower["environment"]
+    worker_env = services["worker"]["environment"]
+    assert worker_env["PROMETHEUS_MULTIPROC_DIR"].startswith("/tmp/")  # noqa: S108  container path
     for name, service in services.items():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} publicly"
@@ -641,6 +648,7 @@ def test_flower_is_cluster_internal_read_only_and_authenticated() -> None:
     assert given <= options, given - options
     assert "--read_only=true" in flower["args"]
     env = {e["name"]: e for e in flower["env"]}
+    assert "PROMETHEUS_MULTIPROC_DIR" not in env, "multiprocess mode is for the worker only"
     for name in env:
         if name.startswith("FLOWER_"):
             assert name.removeprefix("FLOWER_").lower() in options, name

@@ -43,7 +43,22 @@ def connect(app: TotangoCelery) -> None:
 
     @signals.worker_init.connect(weak=False)
     def on_worker_init(**_: Any) -> None:
+        # In the main process, before the pool starts: the multiprocess directory is emptied
+        # of the last run's files before any child writes to it. A directory that cannot be
+        # made or emptied stops the worker here; later, every task would fail on it.
+        try:
+            observability.prepare_metrics()
+        except OSError as exc:
+            sys.stderr.write(f"totango-worker: PROMETHEUS_MULTIPROC_DIR unusable: {exc}\n")
+            raise SystemExit(2) from None
         observability.start_metrics_server(settings.metrics_port)
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def on_worker_process_shutdown(pid: int | None = None, **_: Any) -> None:
+        # Sent by a prefork child itself as it exits cleanly; a killed child's live gauges
+        # are dropped at the next scrape instead (observability._LiveProcessesCollector).
+        if pid is not None:
+            observability.forget_process(pid)
 
     @signals.worker_process_init.connect(weak=False)
     def on_worker_process_init(**_: Any) -> None:
