@@ -60,7 +60,6 @@ def config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_retry_on_worker_lost": True,
-        "task_default_retry_delay": 5,
         # A hard limit well past the longest call, so a wedged call cannot hold a slot forever.
         "task_time_limit": int(settings.connect_timeout + settings.read_timeout) + 30,
         # Prefetch: each slot holds at most this many unacknowledged messages beyond the one

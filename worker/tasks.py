@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 #: Message headers the worker adds to a retry; producers never need to set them.
 FIRST_ATTEMPT_HEADER = "totango_first_attempt_at"
 ENQUEUED_AT_HEADER = "totango_enqueued_at"
+#: Seconds before a task whose pool process died is tried again (task_retry_on_worker_lost).
+WORKER_LOST_RETRY_DELAY = 5
 
 
 def register(app: TotangoCelery) -> None:
@@ -36,6 +38,8 @@ def register(app: TotangoCelery) -> None:
             name=name,
             bind=True,
             max_retries=settings.max_retries,
+            # The countdown of a retry after a lost worker process (Celery's default is 180 s).
+            default_retry_delay=WORKER_LOST_RETRY_DELAY,
             typing=False,  # arguments are checked by events.from_message, with a reason
         )(_relay_function(name))
 
