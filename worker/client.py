@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -90,6 +91,25 @@ class Producer:
             headers={ENQUEUED_AT_HEADER: time.time()},
         )
         return prepared.event_id
+
+    def send_batch(self, prepared: Sequence[Prepared]) -> list[str]:
+        """Enqueue prepared events as ``totango.track_batch`` messages of at most
+        ``MAX_BATCH_EVENTS`` each; returns their event ids, in order.
+
+        The worker sends a batch's events concurrently, and retries or dead-letters each
+        failed or invalid one on its own, so a batch is no weaker than single events.
+        """
+        from worker.tasks import ENQUEUED_AT_HEADER  # noqa: PLC0415  no Celery until first use
+
+        items = list(prepared)
+        for start in range(0, len(items), events.MAX_BATCH_EVENTS):
+            chunk = items[start : start + events.MAX_BATCH_EVENTS]
+            self.app.send_task(
+                events.TRACK_BATCH,
+                kwargs={"events": [{"task": p.task, "kwargs": p.kwargs} for p in chunk]},
+                headers={ENQUEUED_AT_HEADER: time.time()},
+            )
+        return [p.event_id for p in items]
 
     def track_activity(self, **kwargs: Any) -> str:
         return self.prepare(events.TRACK_ACTIVITY, **kwargs).enqueue()
@@ -177,6 +197,11 @@ def update_user(
         service_id=service_id,
         event_id=event_id,
     )
+
+
+def send_batch(prepared: Sequence[Prepared]) -> list[str]:
+    """Enqueue many prepared events in few messages: ``send_batch([prepare(...), ...])``."""
+    return default_producer().send_batch(prepared)
 
 
 def prepare(task: str, **kwargs: Any) -> Prepared:

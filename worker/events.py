@@ -20,6 +20,8 @@ from worker.errors import InvalidEvent
 TRACK_ACTIVITY = "totango.track_activity"
 UPDATE_ACCOUNT = "totango.update_account"
 UPDATE_USER = "totango.update_user"
+#: One message carrying many events (the batch path, ``worker/batch.py``); never nested.
+TRACK_BATCH = "totango.track_batch"
 
 #: Limits on sizes. The gateway takes one event per HTTP call; these keep a call well inside
 #: what proxies accept for a form body and stop one bad payload from hogging a worker.
@@ -28,6 +30,10 @@ MAX_NAME_LENGTH = 255
 MAX_VALUE_LENGTH = 4096
 MAX_ATTRIBUTES = 100
 MAX_EVENT_ID_LENGTH = 128
+#: The most events one ``totango.track_batch`` message carries. The worker sends a batch's
+#: events concurrently over the process's HTTP pool, so 100 keeps one message to a few
+#: round trips and its JSON well under the brokers' frame limits; producers chunk above it.
+MAX_BATCH_EVENTS = 100
 
 #: Matched with ``fullmatch`` and ASCII digits only: ``$`` would let a trailing newline
 #: through, and ``\d`` alone would accept non-ASCII digits such as ``١٢٠٠``.
@@ -341,3 +347,25 @@ def encode(params: tuple[tuple[str, str], ...] | list[tuple[str, str]]) -> str:
     unreserved character and stays literal.
     """
     return "&".join(f"{quote(name, safe='')}={quote(value, safe='')}" for name, value in params)
+
+
+def batch_items(events: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The ``(task, kwargs)`` pairs of a batch, or ``InvalidEvent("events", ...)``.
+
+    Only the batch's shape is checked here: a list of at most ``MAX_BATCH_EVENTS`` objects,
+    each with a task name and an object of keyword arguments. Each event is then validated
+    on its own by ``from_message``, so one bad event does not sink its neighbours.
+    """
+    if not isinstance(events, list):
+        raise InvalidEvent("events", "must be a list of {task, kwargs} objects")
+    if len(events) > MAX_BATCH_EVENTS:
+        raise InvalidEvent("events", f"has more than {MAX_BATCH_EVENTS} events")
+    items = []
+    for element in events:
+        if not isinstance(element, Mapping) or set(element) != {"task", "kwargs"}:
+            raise InvalidEvent("events", "each element must be an object {task, kwargs}")
+        task, kwargs = element["task"], element["kwargs"]
+        if not isinstance(task, str) or not isinstance(kwargs, Mapping):
+            raise InvalidEvent("events", "task must be a string and kwargs an object")
+        items.append((task, dict(kwargs)))
+    return items

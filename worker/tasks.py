@@ -42,6 +42,9 @@ def register(app: TotangoCelery) -> None:
             default_retry_delay=WORKER_LOST_RETRY_DELAY,
             typing=False,  # arguments are checked by events.from_message, with a reason
         )(_relay_function(name))
+    from worker import batch  # noqa: PLC0415  batch.py builds on this module's dead_letter
+
+    batch.register(app)  # totango.track_batch: many events in one message
 
 
 def _relay_function(name: str) -> Any:

@@ -1,0 +1,243 @@
+"""The batch path: one ``totango.track_batch`` message carries up to ``MAX_BATCH_EVENTS``
+events, sent concurrently over the process's pooled session, each with an outcome of its own.
+
+Delivered: done, never sent again. Failed: re-enqueued alone as a single-event task that
+follows the normal retry policy. Invalid: dead-lettered alone. A malformed batch: the whole
+message is dead-lettered with ``invalid:events``. The batch message is acknowledged
+(``acks_late``) only after every re-enqueue and dead letter is published (and confirmed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celery import Task
+
+from worker import events, observability
+from worker.deadletter import HOSTNAME, PUBLISH_RETRY_POLICY
+from worker.envelope import Envelope, now_iso
+from worker.errors import InvalidEvent
+from worker.gateway import Answer, process_gateway
+from worker.retry import RetryPolicy, decide, is_delivered
+from worker.settings import Settings
+from worker.tasks import (
+    ENQUEUED_AT_HEADER,
+    FIRST_ATTEMPT_HEADER,
+    WORKER_LOST_RETRY_DELAY,
+    dead_letter,
+    header,
+)
+
+if TYPE_CHECKING:
+    from worker.app import TotangoCelery
+
+log = logging.getLogger(__name__)
+
+
+def register(app: TotangoCelery) -> None:
+    settings = app.settings
+    # Celery enforces time limits only in the prefork pool, where a child sends one batch
+    # at a time with `concurrency` threads: room for every round of calls at their timeout.
+    rounds = math.ceil(events.MAX_BATCH_EVENTS / max(1, settings.concurrency))
+    app.task(
+        name=events.TRACK_BATCH,
+        bind=True,
+        max_retries=settings.max_retries,  # spent only by task_retry_on_worker_lost
+        default_retry_delay=WORKER_LOST_RETRY_DELAY,
+        time_limit=int(rounds * (settings.connect_timeout + settings.read_timeout)) + 30,
+        typing=False,  # the arguments are checked by events.batch_items, with a reason
+    )(track_batch)
+
+
+def track_batch(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, int]:
+    return relay_batch(self, args, kwargs)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One event of a batch, with the id it keeps through every retry and dead letter."""
+
+    index: int
+    task: str
+    kwargs: dict[str, Any]
+
+    @property
+    def event_id(self) -> str:
+        return str(self.kwargs["event_id"])
+
+
+def items_of(kwargs: dict[str, Any], positional: tuple[Any, ...], batch_id: str) -> list[Item]:
+    """The batch's events; an event without an id gets ``<batch task id>:<index>``."""
+    if positional:
+        raise InvalidEvent("events", "positional arguments are not accepted; use events=[...]")
+    if set(kwargs) != {"events"}:
+        raise InvalidEvent("events", "the only argument is events=[{task, kwargs}, ...]")
+    items = []
+    for index, (task, event_kwargs) in enumerate(events.batch_items(kwargs["events"])):
+        if event_kwargs.get("event_id") is None:
+            event_kwargs["event_id"] = f"{batch_id}:{index}"
+        items.append(Item(index, task, event_kwargs))
+    return items
+
+
+def relay_batch(
+    task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, int]:
+    app: TotangoCelery = task.app  # type: ignore[assignment]
+    settings = app.settings
+    request = task.request
+    batch_id = str(request.id)
+    first_attempt_at = header(request, FIRST_ATTEMPT_HEADER) or now_iso()
+    observability.record_queue_wait(header(request, ENQUEUED_AT_HEADER))
+    try:
+        items = items_of(kwargs, args, batch_id)
+    except InvalidEvent as exc:
+        # The whole message, as it came: nothing in it is lost, and it can be inspected.
+        dead_letter(app, _envelope(exc.code, batch_id, events.TRACK_BATCH, kwargs, str(exc)))
+        return {"dead_lettered": 1}
+
+    valid: list[tuple[Item, events.Event]] = []
+    invalid: list[tuple[Item, InvalidEvent]] = []
+    for item in items:
+        try:
+            event = events.from_message(
+                item.task,
+                item.kwargs,
+                event_id=item.event_id,
+                default_service_id=settings.service_id,
+            )
+        except InvalidEvent as exc:
+            invalid.append((item, exc))
+        else:
+            valid.append((item, event))
+
+    pool = process_executor(settings.concurrency)
+    futures = [(item, event, pool.submit(_send, settings, event)) for item, event in valid]
+    # Dead letters are published while the valid events are in flight.
+    for item, problem in invalid:
+        excerpt = f"{problem} (batch {batch_id}, index {item.index})"
+        dead_letter(app, _envelope(problem.code, item.event_id, item.task, item.kwargs, excerpt))
+
+    counts = {"delivered": 0, "retrying": 0, "dead_lettered": len(invalid)}
+    policy = RetryPolicy(
+        settings.max_retries,
+        settings.retry_backoff_base,
+        settings.retry_backoff_max,
+        settings.retry_after_max,
+    )
+    batch = _Batch(app, policy, batch_id, first_attempt_at)
+    for item, event, future in futures:
+        counts[batch.settle(item, event, future)] += 1
+    log.info(
+        "batch task_id=%s events=%d delivered=%d retrying=%d dead_lettered=%d",
+        batch_id,
+        len(items),
+        counts["delivered"],
+        counts["retrying"],
+        counts["dead_lettered"],
+    )
+    return counts
+
+
+def _send(settings: Settings, event: events.Event) -> Answer:
+    with observability.gateway_call():
+        answer = process_gateway(settings).send(event)
+    observability.record_answer(answer.status, answer.method, answer.elapsed)
+    return answer
+
+
+@dataclass(frozen=True)
+class _Batch:
+    app: TotangoCelery
+    policy: RetryPolicy
+    batch_id: str
+    first_attempt_at: str
+
+    def settle(self, item: Item, event: events.Event, future: Future[Answer]) -> str:
+        """One event's outcome; a re-enqueue or dead letter is published before it returns."""
+        app, first_attempt_at = self.app, self.first_attempt_at
+        who = f"event_id={item.event_id} account={event.account_id} task={item.task}"
+        who += f" batch={self.batch_id}"
+        try:
+            answer = future.result()
+        except Exception as exc:  # one event's bug must not re-send its delivered neighbours
+            log.exception("unexpected error sending %s", who)
+            reason = f"error:{type(exc).__name__}"
+            dead_letter(app, _envelope(reason, item.event_id, item.task, item.kwargs, repr(exc)))
+            return "dead_lettered"
+        if is_delivered(answer.status):
+            observability.DELIVERED.labels(task=item.task).inc()
+            log.debug("delivered %s attempt=1", who)
+            return "delivered"
+        decision = decide(answer.status, 0, self.policy, answer.retry_after)
+        if not decision.retry:  # TOTANGO_MAX_RETRIES=0: the first failure is the last
+            envelope = Envelope(
+                reason=decision.reason,
+                event_id=item.event_id,
+                task=item.task,
+                kwargs=item.kwargs,
+                attempts=1,
+                worker_host=HOSTNAME,
+                first_attempt_at=first_attempt_at,
+                last_attempt_at=now_iso(),
+                last_status=answer.status,
+                last_excerpt=answer.excerpt,
+                task_id=item.event_id,
+            )
+            dead_letter(app, envelope)
+            return "dead_lettered"
+        observability.RETRIED.labels(task=item.task, reason=answer.status).inc()
+        log.info(
+            "retrying %s attempt=1 status=%s next_delay=%.1fs", who, answer.status, decision.delay
+        )
+        # As Task.retry would: the same task id and event id, retries=1 so the single-event task
+        # spends the rest of the normal budget; published with confirms on RabbitMQ.
+        app.send_task(
+            item.task,
+            kwargs=item.kwargs,
+            task_id=item.event_id,
+            countdown=decision.delay,
+            retries=1,
+            headers={FIRST_ATTEMPT_HEADER: first_attempt_at},
+            retry=True,
+            retry_policy=PUBLISH_RETRY_POLICY,
+        )
+        return "retrying"
+
+
+def _envelope(
+    reason: str, event_id: str, task: str, kwargs: dict[str, Any], excerpt: str
+) -> Envelope:
+    """A dead letter that was never sent: replaying it enqueues ``task`` with ``kwargs``."""
+    return Envelope(
+        reason=reason,
+        event_id=event_id,
+        task=task,
+        kwargs=kwargs,
+        attempts=0,
+        worker_host=HOSTNAME,
+        last_excerpt=excerpt[:200],
+        task_id=event_id,
+    )
+
+
+_executor_lock = threading.Lock()
+_executor: ThreadPoolExecutor | None = None
+_executor_pid = 0
+
+
+def process_executor(size: int) -> ThreadPoolExecutor:
+    """The senders of this process, shared by its batches so that the calls in flight stay
+    within the HTTP pool (``TOTANGO_CONCURRENCY``); made again after a fork."""
+    global _executor, _executor_pid  # noqa: PLW0603  one executor per process is the point
+    with _executor_lock:
+        if _executor is None or _executor_pid != os.getpid():
+            _executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="totango-batch")
+            _executor_pid = os.getpid()
+        return _executor
