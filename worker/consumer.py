@@ -26,6 +26,20 @@ HEARTBEAT_INTERVAL = 10.0
 
 
 class RelayConsumer(Consumer):
+    def connection_for_write(self, url: str | None = None, heartbeat: float | None = None) -> Any:
+        """The connection of the task-event dispatcher (Celery's Events step, its only user).
+
+        Task events are monitoring data. Published with confirms, a pool thread waited for a
+        confirm while holding the dispatcher's lock, and only the consumer's loop reads that
+        confirm, which blocked on the same lock: the worker froze on RabbitMQ under load.
+        Events go without confirms; tasks, retries and dead letters keep them.
+        """
+        options = {**self.app.conf.broker_transport_options, "confirm_publish": False}
+        connection = self.app.connection_for_write(
+            url=url, heartbeat=heartbeat, transport_options=options
+        )
+        return self.ensure_connected(connection)
+
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         self._dead_letter(message, "undecodable", exc)
 

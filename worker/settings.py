@@ -53,7 +53,7 @@ class Settings:
     rabbitmq_consumer_timeout: float = RABBITMQ_DEFAULT_CONSUMER_TIMEOUT
     delivery_limit: int = 5
     pool: str = "threads"
-    concurrency: int = 32
+    concurrency: int = 64
     prefetch_multiplier: int = 2
     soft_shutdown_timeout: float = 20.0
     metrics_port: int = 9808
