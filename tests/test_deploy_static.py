@@ -48,7 +48,7 @@ CRD_SCHEMAS = {
 }
 KUSTOMIZATION = ("kustomize.config.k8s.io/v1beta1", "Kustomization")
 
-#: The metric families the worker exports (worker/observability.py).
+#: The metric families the worker exports (worker/metrics.py).
 METRICS = {
     "totango_events_delivered_total",
     "totango_events_retried_total",

@@ -290,7 +290,7 @@ def test_a_previous_runs_files_do_not_inflate_the_counts_after_a_restart(
     prom = tmp_path / "prom"
     prom.mkdir()
     previous_run = (
-        "from worker import observability as o; m = o.metrics(); "
+        "from worker import metrics as o; m = o.metrics(); "
         f"m.delivered.labels(task={TRACK_ACTIVITY!r}).inc(1000); m.in_flight.inc(5); "
         "m.queue_wait.observe(1.0)"
     )

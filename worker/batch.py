@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Task
 
-from worker import events, observability
+from worker import events, metrics
 from worker.deadletter import HOSTNAME, PUBLISH_RETRY_POLICY
 from worker.envelope import Envelope, now_iso
 from worker.errors import InvalidEvent
@@ -94,7 +94,7 @@ def relay_batch(
     request = task.request
     batch_id = str(request.id)
     first_attempt_at = header(request, FIRST_ATTEMPT_HEADER) or now_iso()
-    observability.record_queue_wait(header(request, ENQUEUED_AT_HEADER))
+    metrics.record_queue_wait(header(request, ENQUEUED_AT_HEADER))
     try:
         items = items_of(kwargs, args, batch_id)
     except InvalidEvent as exc:
@@ -146,9 +146,9 @@ def relay_batch(
 
 
 def _send(settings: Settings, event: events.Event) -> Answer:
-    with observability.gateway_call():
+    with metrics.gateway_call():
         answer = process_gateway(settings).send(event)
-    observability.record_answer(answer.status, answer.method, answer.elapsed)
+    metrics.record_answer(answer.status, answer.method, answer.elapsed)
     return answer
 
 
@@ -172,7 +172,7 @@ class _Batch:
             dead_letter(app, _envelope(reason, item.event_id, item.task, item.kwargs, repr(exc)))
             return "dead_lettered"
         if is_delivered(answer.status):
-            observability.DELIVERED.labels(task=item.task).inc()
+            metrics.DELIVERED.labels(task=item.task).inc()
             log.debug("delivered %s attempt=1", who)
             return "delivered"
         decision = decide(answer.status, 0, self.policy, answer.retry_after)
@@ -192,7 +192,7 @@ class _Batch:
             )
             dead_letter(app, envelope)
             return "dead_lettered"
-        observability.RETRIED.labels(task=item.task, reason=answer.status).inc()
+        metrics.RETRIED.labels(task=item.task, reason=answer.status).inc()
         log.info(
             "retrying %s attempt=1 status=%s next_delay=%.1fs", who, answer.status, decision.delay
         )

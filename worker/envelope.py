@@ -59,6 +59,13 @@ class Envelope:
         return self.task is not None and self.kwargs is not None
 
 
+def event_id_of(kwargs: Any, task_id: str | None) -> str | None:
+    """The event id of a message: its own ``event_id`` argument, else its task id."""
+    if isinstance(kwargs, dict) and isinstance(kwargs.get("event_id"), str):
+        return str(kwargs["event_id"])
+    return task_id
+
+
 def raw_body_fields(body: bytes | str | None) -> tuple[str | None, str | None]:
     """Keep an undecodable body whole: as text when it is UTF-8, else as base64."""
     if body is None:

@@ -1,4 +1,4 @@
-"""Logging, metrics and Sentry: the only module that imports sentry_sdk and prometheus_client.
+"""Logging and Sentry: the only module that imports sentry_sdk (metrics are in metrics.py).
 
 Retries are logged and counted but never alerted; each dead letter is alerted exactly once,
 fingerprinted by task and reason so one outage makes one Sentry issue with a count.
@@ -7,116 +7,14 @@ fingerprinted by task and reason so one outage makes one Sentry issue with a cou
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
-import threading
-import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client import multiprocess as prometheus_multiprocess
-from prometheus_client.metrics_core import Metric
 
 from worker.envelope import Envelope
 from worker.settings import Settings
 
 log = logging.getLogger("worker")
-
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-WAIT_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600)
-
-# prometheus_client picks multiprocess mode at its import, when PROMETHEUS_MULTIPROC_DIR is in
-# the environment (even empty: then the files land in the working directory). In that mode a
-# metric, or a label child, opens <dir>/<type>_<pid>.db when it is created and reads back
-# whatever an older file of that name holds. So metrics are created on first use, never at
-# import: the worker empties the directory first (prepare_metrics, at worker_init), and a
-# producer, a CLI command or Flower that imports this module creates no file at all.
-
-
-@dataclass(frozen=True)
-class Metrics:
-    delivered: Counter
-    retried: Counter
-    dead_lettered: Counter
-    latency: Histogram
-    responses: Counter
-    in_flight: Gauge
-    queue_wait: Histogram
-
-
-def _create_metrics() -> Metrics:
-    return Metrics(
-        delivered=Counter("totango_events_delivered", "Events the gateway answered 200", ["task"]),
-        retried=Counter(
-            "totango_events_retried", "Attempts that will be retried", ["task", "reason"]
-        ),
-        dead_lettered=Counter(
-            "totango_events_dead_lettered",
-            "Events put on the dead-letter queue",
-            ["task", "reason"],
-        ),
-        latency=Histogram(
-            "totango_gateway_latency_seconds",
-            "Gateway round trip",
-            ["method"],
-            buckets=LATENCY_BUCKETS,
-        ),
-        responses=Counter("totango_gateway_responses", "Gateway answers by status", ["status"]),
-        # livesum: the sum over live processes; a dead child's value must not linger.
-        in_flight=Gauge(
-            "totango_gateway_in_flight", "Gateway calls in flight", multiprocess_mode="livesum"
-        ),
-        queue_wait=Histogram(
-            "totango_queue_wait_seconds",
-            "Time from enqueue to the start of the task",
-            buckets=WAIT_BUCKETS,
-        ),
-    )
-
-
-_metrics: Metrics | None = None
-_metrics_lock = threading.Lock()
-
-
-def metrics() -> Metrics:
-    """This process's metrics, created (and registered) on the first call."""
-    global _metrics  # noqa: PLW0603  one set per process, created on first use
-    if _metrics is not None:
-        return _metrics
-    with _metrics_lock:
-        if _metrics is None:
-            path = multiprocess_dir()
-            if path is not None:
-                path.mkdir(parents=True, exist_ok=True)  # prometheus_client does not
-            _metrics = _create_metrics()
-        return _metrics
-
-
-# The names tasks.py uses; resolved on first access by the module __getattr__ below.
-DELIVERED: Counter
-RETRIED: Counter
-DEAD_LETTERED: Counter
-LATENCY: Histogram
-RESPONSES: Counter
-IN_FLIGHT: Gauge
-QUEUE_WAIT: Histogram
-
-
-_LAZY_NAMES = frozenset(
-    {"DELIVERED", "RETRIED", "DEAD_LETTERED", "LATENCY", "RESPONSES", "IN_FLIGHT", "QUEUE_WAIT"}
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_NAMES:
-        return getattr(metrics(), name.lower())
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 #: An email address, also percent-encoded (``%40``) as it is inside a gateway URL.
 _EMAIL_RE = re.compile(r"[\w.+%-]+(?:@|%40)[\w-]+(?:\.[\w-]+)+", re.IGNORECASE)
@@ -133,122 +31,6 @@ def configure_logging(level: str) -> None:
         handler._totango = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
-
-
-def mask(text: str | None, send_pii: bool) -> str:
-    """Hide email addresses unless the operator opted in to personal data."""
-    if text is None:
-        return "-"
-    return text if send_pii else _EMAIL_RE.sub("[email]", text)
-
-
-@contextmanager
-def gateway_call() -> Iterator[None]:
-    in_flight = metrics().in_flight
-    in_flight.inc()
-    try:
-        yield
-    finally:
-        in_flight.dec()
-
-
-def record_answer(status: str, method: str, elapsed: float) -> None:
-    m = metrics()
-    m.responses.labels(status=status).inc()
-    m.latency.labels(method=method).observe(elapsed)
-
-
-def record_queue_wait(enqueued_at: Any) -> None:
-    try:
-        waited = time.time() - float(enqueued_at)
-    except (TypeError, ValueError):
-        return
-    if waited >= 0:
-        metrics().queue_wait.observe(waited)
-
-
-def multiprocess_dir() -> Path | None:
-    """prometheus_client's multiprocess directory, or None in single-process mode.
-
-    Read from the environment, not Settings: prometheus_client itself reads it there.
-    """
-    raw = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    return Path(raw) if raw else None
-
-
-def prepare_metrics() -> None:
-    """In the worker's main process at start, before the pool starts its children.
-
-    The multiprocess directory must be emptied of the last run's files (prometheus_client's
-    documented requirement): a pid is reused after a restart, a container's pids nearly
-    always, and a process whose pid matches an old file would carry on from its counts.
-    """
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ and multiprocess_dir() is None:
-        log.warning(
-            "PROMETHEUS_MULTIPROC_DIR is set but empty: prometheus_client still runs in "
-            "multiprocess mode and writes its files to the working directory; unset it"
-        )
-    path = multiprocess_dir()
-    if path is not None:
-        path.mkdir(parents=True, exist_ok=True)
-        # Files of this pid are live if this process already made its metrics: keep them.
-        own = f"_{os.getpid()}.db" if _metrics is not None else None
-        for stale in path.glob("*.db"):
-            if own is None or not stale.name.endswith(own):
-                stale.unlink(missing_ok=True)
-    metrics()  # the main process's gauge and histogram report 0 from the first scrape
-
-
-def forget_process(pid: int) -> None:
-    """Drop a finished process's live gauges (in_flight); its counters keep counting."""
-    path = multiprocess_dir()
-    if path is not None:
-        prometheus_multiprocess.mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
-
-
-class _LiveProcessesCollector:
-    """Every process's samples, after dropping the live gauges of processes that are gone.
-
-    A pool child that exits cleanly drops its own (worker_process_shutdown); one killed by
-    the kernel (OOM, SIGKILL) cannot, and its in_flight would stay up until a restart.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        merged = prometheus_multiprocess.MultiProcessCollector
-        self._merged = merged(None, str(path))  # type: ignore[no-untyped-call]
-
-    def collect(self) -> Iterable[Metric]:
-        for live in self._path.glob("gauge_live*_*.db"):
-            pid = live.stem.rsplit("_", 1)[1]
-            if pid.isdigit() and not _alive(int(pid)):
-                forget_process(int(pid))
-        collected: Iterable[Metric] = self._merged.collect()  # type: ignore[no-untyped-call]
-        return collected
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-def start_metrics_server(port: int) -> None:
-    """Serve /metrics; in multiprocess mode (prefork) the sum over every process's files."""
-    if port <= 0:
-        return
-    path = multiprocess_dir()
-    if path is not None:
-        registry = CollectorRegistry()
-        registry.register(_LiveProcessesCollector(path))
-        start_http_server(port, registry=registry)
-    else:
-        start_http_server(port)
-    log.info("metrics on :%d/metrics", port)
 
 
 # --- Sentry -----------------------------------------------------------------------------

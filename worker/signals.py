@@ -12,9 +12,9 @@ from billiard.exceptions import WorkerLostError
 from celery import signals
 from celery.exceptions import TimeLimitExceeded
 
-from worker import observability
+from worker import metrics, observability
 from worker.deadletter import HOSTNAME
-from worker.envelope import Envelope, now_iso
+from worker.envelope import Envelope, event_id_of, now_iso
 from worker.errors import ConfigError
 from worker.gateway import reset_process_gateway
 
@@ -47,24 +47,25 @@ def connect(app: TotangoCelery) -> None:
         # of the last run's files before any child writes to it. A directory that cannot be
         # made or emptied stops the worker here; later, every task would fail on it.
         try:
-            observability.prepare_metrics()
+            metrics.prepare_metrics()
         except OSError as exc:
             sys.stderr.write(f"totango-worker: PROMETHEUS_MULTIPROC_DIR unusable: {exc}\n")
             raise SystemExit(2) from None
-        observability.start_metrics_server(settings.metrics_port)
+        metrics.start_metrics_server(settings.metrics_port)
 
     @signals.worker_process_shutdown.connect(weak=False)
     def on_worker_process_shutdown(pid: int | None = None, **_: Any) -> None:
         # Sent by a prefork child itself as it exits cleanly; a killed child's live gauges
-        # are dropped at the next scrape instead (observability._LiveProcessesCollector).
+        # are dropped at the next scrape instead (metrics._LiveProcessesCollector).
         if pid is not None:
-            observability.forget_process(pid)
+            metrics.forget_process(pid)
 
     @signals.worker_process_init.connect(weak=False)
     def on_worker_process_init(**_: Any) -> None:
         reset_process_gateway()
 
     @signals.task_failure.connect(weak=False)
+    @signals.task_internal_error.connect(weak=False)  # outside the body: no task_failure
     def on_task_failure(
         sender: Any = None,
         task_id: str | None = None,
@@ -85,7 +86,7 @@ def connect(app: TotangoCelery) -> None:
             app,
             Envelope(
                 reason=failure_reason(exception),
-                event_id=_event_id(kwargs, task_id),
+                event_id=event_id_of(kwargs, task_id),
                 task=name,
                 kwargs=kwargs if isinstance(kwargs, dict) else None,
                 attempts=retries + 1,
@@ -103,9 +104,3 @@ def failure_reason(exception: BaseException | None) -> str:
     if isinstance(exception, TimeLimitExceeded):
         return "time_limit"
     return f"error:{type(exception).__name__}"
-
-
-def _event_id(kwargs: Any, task_id: str | None) -> str | None:
-    if isinstance(kwargs, dict) and isinstance(kwargs.get("event_id"), str):
-        return str(kwargs["event_id"])
-    return task_id

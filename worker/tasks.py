@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Task
 
-from worker import events, observability
+from worker import events, metrics, observability
 from worker.deadletter import HOSTNAME, publish
-from worker.envelope import Envelope, now_iso
+from worker.envelope import Envelope, event_id_of, now_iso
 from worker.errors import DeliveryFailed, InvalidEvent
 from worker.gateway import process_gateway
 from worker.retry import RetryPolicy, decide, is_delivered
@@ -62,7 +62,7 @@ def relay(task: Task[Any, Any], name: str, args: tuple[Any, ...], kwargs: dict[s
     attempt = request.retries + 1
     first_attempt_at = header(request, FIRST_ATTEMPT_HEADER) or now_iso()
     if request.retries == 0:  # a retry's wait is its backoff, not a backlog
-        observability.record_queue_wait(header(request, ENQUEUED_AT_HEADER))
+        metrics.record_queue_wait(header(request, ENQUEUED_AT_HEADER))
     try:
         event = events.from_message(
             name,
@@ -76,7 +76,7 @@ def relay(task: Task[Any, Any], name: str, args: tuple[Any, ...], kwargs: dict[s
             app,
             Envelope(
                 reason=exc.code,
-                event_id=_event_id(kwargs, request.id),
+                event_id=event_id_of(kwargs, request.id),
                 task=name,
                 kwargs=kwargs,
                 attempts=0,
@@ -87,12 +87,12 @@ def relay(task: Task[Any, Any], name: str, args: tuple[Any, ...], kwargs: dict[s
         )
         return "dead_lettered"
 
-    with observability.gateway_call():
+    with metrics.gateway_call():
         answer = process_gateway(settings).send(event)
-    observability.record_answer(answer.status, answer.method, answer.elapsed)
+    metrics.record_answer(answer.status, answer.method, answer.elapsed)
     who = f"event_id={event.event_id} account={event.account_id} task={name}"
     if is_delivered(answer.status):
-        observability.DELIVERED.labels(task=name).inc()
+        metrics.DELIVERED.labels(task=name).inc()
         log.info("delivered %s attempt=%d", who, attempt)
         return "delivered"
 
@@ -104,7 +104,7 @@ def relay(task: Task[Any, Any], name: str, args: tuple[Any, ...], kwargs: dict[s
     )
     decision = decide(answer.status, request.retries, policy, answer.retry_after)
     if decision.retry:
-        observability.RETRIED.labels(task=name, reason=answer.status).inc()
+        metrics.RETRIED.labels(task=name, reason=answer.status).inc()
         log.info(
             "retrying %s attempt=%d status=%s next_delay=%.1fs",
             who,
@@ -143,9 +143,7 @@ def relay(task: Task[Any, Any], name: str, args: tuple[Any, ...], kwargs: dict[s
 def dead_letter(app: TotangoCelery, envelope: Envelope) -> None:
     """Publish the envelope (confirmed), count it and alert once."""
     publish(app, envelope)
-    observability.DEAD_LETTERED.labels(
-        task=envelope.task or "unknown", reason=envelope.reason
-    ).inc()
+    metrics.DEAD_LETTERED.labels(task=envelope.task or "unknown", reason=envelope.reason).inc()
     observability.alert_dead_letter(envelope, app.settings)
 
 
@@ -155,9 +153,3 @@ def header(request: Any, name: str) -> Any:
     if value is None and isinstance(request.headers, dict):
         value = request.headers.get(name)
     return value
-
-
-def _event_id(kwargs: Any, task_id: str | None) -> str | None:
-    if isinstance(kwargs, dict) and isinstance(kwargs.get("event_id"), str):
-        return str(kwargs["event_id"])
-    return task_id
