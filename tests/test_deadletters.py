@@ -244,3 +244,39 @@ def test_replay_killed_mid_way_loses_nothing(
     on_main = set(main_queue_event_ids(app))
     assert on_main, "the replay should have moved some entries before it was killed"
     assert in_dlq | on_main == ids, f"lost: {sorted(ids - (in_dlq | on_main))[:5]}"
+
+
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_redis_dead_letters_a_message_delivered_past_the_delivery_limit(
+    env_for: Callable[..., dict[str, str]],
+    app_for: Callable[..., TotangoCelery],
+    start_worker: Callable[..., Any],
+    gateway: GatewayEmulator,
+    broker_url: str,
+) -> None:
+    """Redis has no x-delivery-limit: the worker counts deliveries of each message itself,
+    and one already delivered DELIVERY_LIMIT times (each killing the worker) is dead-lettered
+    with reason delivery_limit instead of being sent; a replay then delivers it."""
+    import redis  # noqa: PLC0415  only this test talks to Redis directly
+
+    from worker.redeliveries import KEY_PREFIX  # noqa: PLC0415
+    from worker.topology import DELIVERY_LIMIT  # noqa: PLC0415
+
+    env = env_for()
+    app = app_for(env)
+    client = redis.Redis.from_url(broker_url)
+    try:
+        client.set(f"{KEY_PREFIX}poison-task:0", DELIVERY_LIMIT)
+    finally:
+        client.close()
+    kwargs = {"account_id": "acme", "user_id": "u-poison", "activity": "Login", "module": "App"}
+    with start_worker(env):
+        app.send_task("totango.track_activity", kwargs=kwargs, task_id="poison-task")
+        app.send_task("totango.track_activity", kwargs={**kwargs, "user_id": "u-fine"})
+        gateway.wait_for(1, timeout=20)
+        entries = browse(app, timeout=10)
+        assert [(e.reason, e.event_id) for e in entries] == [("delivery_limit", "poison-task")]
+        assert [dict(c.params)["sdr_u"] for c in gateway.calls()] == ["u-fine"]
+        assert cli(env, "replay", "--reason", "delivery_limit", "--yes").returncode == 0
+        delivered = gateway.wait_for(2, timeout=20)
+    assert sorted(dict(c.params)["sdr_u"] for c in delivered) == ["u-fine", "u-poison"]

@@ -207,5 +207,7 @@ def _republish(app: Celery, envelope: Envelope) -> None:
     kwargs = dict(envelope.kwargs or {})
     if envelope.event_id and "event_id" not in kwargs:
         kwargs["event_id"] = envelope.event_id
+    # A fresh task id: the event id travels in the arguments, and the old task id may
+    # still carry a delivery count (redeliveries.py) that would dead-letter it again.
     # The broker confirms the publish (confirm_publish on RabbitMQ) before send_task returns.
-    app.send_task(str(envelope.task), kwargs=kwargs, task_id=envelope.task_id, retries=0)
+    app.send_task(str(envelope.task), kwargs=kwargs, retries=0)

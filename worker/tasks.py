@@ -16,8 +16,9 @@ from worker.deadletter import HOSTNAME, publish
 from worker.envelope import Envelope, event_id_of, now_iso
 from worker.errors import DeliveryFailed, InvalidEvent
 from worker.gateway import process_gateway
+from worker.redeliveries import count_delivery
 from worker.retry import RetryPolicy, decide, is_delivered
-from worker.topology import QUEUE
+from worker.topology import DELIVERY_LIMIT, QUEUE
 
 if TYPE_CHECKING:
     from worker.app import TotangoCelery
@@ -63,6 +64,22 @@ def relay(task: Task[Any, Any], name: str, args: tuple[Any, ...], kwargs: dict[s
     first_attempt_at = header(request, FIRST_ATTEMPT_HEADER) or now_iso()
     if request.retries == 0:  # a retry's wait is its backoff, not a backlog
         metrics.record_queue_wait(header(request, ENQUEUED_AT_HEADER))
+    if _over_delivery_limit(app, request):
+        dead_letter(
+            app,
+            Envelope(
+                reason="delivery_limit",
+                event_id=event_id_of(kwargs, request.id),
+                task=name,
+                kwargs=kwargs,
+                attempts=attempt,
+                worker_host=HOSTNAME,
+                last_attempt_at=now_iso(),
+                task_id=request.id,
+                last_excerpt=f"delivered more than {DELIVERY_LIMIT} times without an outcome",
+            ),
+        )
+        return "dead_lettered"
     try:
         event = events.from_message(
             name,
@@ -145,6 +162,16 @@ def dead_letter(app: TotangoCelery, envelope: Envelope) -> None:
     publish(app, envelope)
     metrics.DEAD_LETTERED.labels(task=envelope.task or "unknown", reason=envelope.reason).inc()
     observability.alert_dead_letter(envelope, app.settings)
+
+
+def _over_delivery_limit(app: TotangoCelery, request: Any) -> bool:
+    """Redis only (RabbitMQ's quorum queue counts for itself): has this message been
+    delivered more than DELIVERY_LIMIT times, each ending with the worker dying on it?"""
+    if app.settings.broker_kind != "redis" or not request.id:
+        return False
+    ttl = app.settings.visibility_timeout * (DELIVERY_LIMIT + 2)
+    count = count_delivery(app.settings.broker_url, request.id, request.retries, ttl)
+    return count > DELIVERY_LIMIT
 
 
 def header(request: Any, name: str) -> Any:
