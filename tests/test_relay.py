@@ -561,3 +561,28 @@ def test_a_wrong_setting_stops_the_worker_at_start(env_for: Callable[..., Env]) 
             if proc.poll() is None:
                 proc.kill()
             proc.communicate(timeout=10)  # reaps it and closes its pipe
+
+
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_a_query_too_long_for_a_url_goes_as_a_post_form(
+    env_for: Callable[..., Env],
+    app_for: Callable[[Env], TotangoCelery],
+    start_worker: StartWorker,
+    gateway: GatewayEmulator,
+) -> None:
+    """GET by default; an event whose URL would pass TOTANGO_MAX_URL_LENGTH is sent as a
+    POST form body with exactly the same decoded parameters."""
+    env = env_for(TOTANGO_MAX_URL_LENGTH="300")
+    app = app_for(env)
+    short = {"account_id": "short", "user_id": "u1", "activity": "Login", "module": "App"}
+    long_value = "x&y=z " * 50
+    long = {**short, "account_id": "long", "account_attributes": {"Notes": long_value}}
+    with start_worker(env):
+        app.send_task("totango.track_activity", kwargs=short)
+        app.send_task("totango.track_activity", kwargs=long)
+        calls = gateway.wait_for(2, timeout=20)
+    by_account = {dict(c.params)["sdr_o"]: c for c in calls}
+    assert by_account["short"].method == "GET"
+    assert by_account["long"].method == "POST"
+    assert dict(by_account["long"].params)["sdr_o.Notes"] == long_value
+    assert len(by_account["long"].params) == 6
