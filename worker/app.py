@@ -103,6 +103,11 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             "socket_timeout": 30,
             "socket_connect_timeout": 10,
             "health_check_interval": 25,
+            # kombu looks for expired reservations every interval but scans only every
+            # throttle-th look: with its defaults a crashed worker's messages came back ~100 s
+            # after the visibility timeout. Look often, scan every time.
+            "unacked_restore_interval": min(10.0, max(1.0, settings.visibility_timeout / 10)),
+            "unacked_restore_throttle": 1,
         }
     if kind == "embedded":
         # The demo's broker: kombu's filesystem transport needs no server and no extra

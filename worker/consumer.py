@@ -26,6 +26,20 @@ HEARTBEAT_INTERVAL = 10.0
 
 
 class RelayConsumer(Consumer):
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        handle = super().create_task_handler(*args, **kwargs)
+
+        def on_task_received(message: Any) -> None:
+            # Celery unpacks the body into (args, kwargs, embed) here, in the main process,
+            # and lets the error of any other shape out: the worker would stop, and meet the
+            # same message again after every restart.
+            try:
+                handle(message)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                self._dead_letter(message, "undecodable", exc)
+
+        return on_task_received
+
     def connection_for_write(self, url: str | None = None, heartbeat: float | None = None) -> Any:
         """The connection of the task-event dispatcher (Celery's Events step, its only user).
 
