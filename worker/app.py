@@ -78,6 +78,9 @@ def config(settings: Settings) -> dict[str, Any]:
         "worker_enable_soft_shutdown_on_idle": False,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": transport_options(settings),
+        # On Redis, a transport whose fetch reserves the message in the same atomic step
+        # (worker/redis_transport.py); kombu's own loses a message killed between the two.
+        "broker_transport": "worker.redis_transport:Transport" if kind == "redis" else None,
         "broker_pool_limit": max(10, settings.concurrency),
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         # The filesystem transport has no broadcast between processes.

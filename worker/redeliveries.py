@@ -8,32 +8,45 @@ counted in Redis, and past ``DELIVERY_LIMIT`` it goes to the dead-letter queue i
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
 import redis
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _client: redis.Redis | None = None
-_client_pid = 0
+_client_key: tuple[int, str] | None = None
 
 KEY_PREFIX = "totango-worker:deliveries:"
 
 
 def count_delivery(broker_url: str, task_id: str, retries: int, ttl: float) -> int:
-    """Count one more delivery of this message; returns how many there have been."""
+    """Count one more delivery of this message; returns how many there have been, or 0
+    if Redis cannot be reached.
+
+    The count guards against a message that kills the worker every time; it is no reason
+    to fail an event. With Redis cut or restarting, the call goes ahead uncounted (and if
+    its ack is lost as well, the message comes back from Redis and is counted then).
+    """
     key = f"{KEY_PREFIX}{task_id}:{retries}"
-    pipe = _redis(broker_url).pipeline()
-    pipe.incr(key)
-    pipe.expire(key, max(1, int(ttl)))
-    count, _ = pipe.execute()
+    try:
+        pipe = _redis(broker_url).pipeline()
+        pipe.incr(key)
+        pipe.expire(key, max(1, int(ttl)))
+        count, _ = pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("could not count the deliveries of %s (%s); going ahead", task_id, exc)
+        return 0
     return int(count)
 
 
 def _redis(broker_url: str) -> redis.Redis:
-    global _client, _client_pid  # noqa: PLW0603  one client per process, made after a fork
+    global _client, _client_key  # noqa: PLW0603  one client per process, made after a fork
+    key = (os.getpid(), broker_url)
     with _lock:
-        if _client is None or _client_pid != os.getpid():
+        if _client is None or _client_key != key:
             _client = redis.Redis.from_url(broker_url, socket_timeout=10)
-            _client_pid = os.getpid()
+            _client_key = key
         return _client

@@ -1,0 +1,196 @@
+"""worker/redis_transport.py on a real Redis: a fetched message is reserved by the time the
+fetch returns, in the format kombu's own restore reads, and nothing is ever dropped.
+
+The fault suite proves the point that matters (a fetch whose answer is lost in transit
+leaves the message reserved, tests/faults/test_broker.py); these tests pin down each path
+of the channel: consume, basic_get, priorities, no_ack consumers, key prefixes, and list
+items that are not kombu messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu.message import Message
+
+from tests.brokers import redis_database
+from worker.app import create_app
+from worker.redis_transport import UNPARSEABLE_SUFFIX, Transport
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+UNACKED = "unacked"
+UNACKED_INDEX = "unacked_index"
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    with redis_database() as url:
+        yield url
+
+
+@pytest.fixture
+def queue() -> Queue:
+    name = f"q-{uuid.uuid4().hex[:8]}"
+    return Queue(name, Exchange("", type="direct"), routing_key=name)
+
+
+def publish(url: str, queue: Queue, body: dict[str, Any], **options: Any) -> None:
+    """Publish as any producer does: kombu's stock Redis transport, no worker code."""
+    with Connection(url, transport_options=options.pop("transport_options", {})) as conn:
+        Producer(conn).publish(
+            body, exchange="", routing_key=queue.name, serializer="json", declare=[queue], **options
+        )
+
+
+def ours(url: str, **transport_options: Any) -> Connection:
+    return Connection(url, transport=Transport, transport_options=transport_options)
+
+
+def receive(conn: Connection, queue: Queue, *, no_ack: bool = False) -> list[Message]:
+    got: list[Message] = []
+    with Consumer(conn, [queue], callbacks=[lambda _b, m: got.append(m)], no_ack=no_ack):
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            try:
+                conn.drain_events(timeout=1)
+            except TimeoutError:
+                continue
+    return got
+
+
+def test_the_worker_app_uses_this_transport_on_redis_only(url: str) -> None:
+    """The wiring: a worker on a redis:// broker fetches with this channel; on AMQP, kombu's."""
+    settings = dataclasses.replace(Settings(), broker_url=url, service_id="SP-1")
+    with create_app(settings).connection_for_read() as conn:
+        assert conn.transport_cls is not None
+        assert type(conn.transport) is Transport
+    amqp = dataclasses.replace(settings, broker_url="amqp://guest:guest@127.0.0.1:5672//")
+    assert create_app(amqp).conf.broker_transport is None
+
+
+def test_a_consumed_message_is_reserved_until_acked(url: str, queue: Queue) -> None:
+    """A message handed to a consumer is already in ``unacked`` and its index, and off the
+    list; the ack removes it from both."""
+    publish(url, queue, {"n": 1})
+    client = redis.Redis.from_url(url)
+    with ours(url) as conn:
+        (message,) = receive(conn, queue)
+        assert message.payload == {"n": 1}
+        assert client.llen(queue.name) == 0
+        assert client.hexists(UNACKED, message.delivery_tag)
+        assert client.zscore(UNACKED_INDEX, message.delivery_tag) is not None
+        message.ack()
+        assert client.hlen(UNACKED) == 0
+        assert client.zcard(UNACKED_INDEX) == 0
+
+
+def test_a_reservation_is_what_kombus_own_restore_reads(url: str, queue: Queue) -> None:
+    """basic_get reserves the message before it returns; the process then dies without an
+    ack. kombu's stock transport, after the visibility timeout, puts the very same message
+    back on the list, marked redelivered."""
+    publish(url, queue, {"n": 2, "text": "a/b & c"})
+    client = redis.Redis.from_url(url)
+    # A process takes it with basic_get and is killed with SIGKILL before any ack or close.
+    script = (
+        "import os, signal, sys\n"
+        "from kombu import Connection\n"
+        "from worker.redis_transport import Transport\n"
+        "conn = Connection(sys.argv[1], transport=Transport)\n"
+        "message = conn.default_channel.basic_get(sys.argv[2], no_ack=False)\n"
+        "print(message.delivery_tag, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, url, queue.name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    tag = done.stdout.strip()
+    assert client.llen(queue.name) == 0
+    stored = json.loads(client.hget(UNACKED, tag) or b"null")
+    assert stored[1:] == ["", queue.name]
+    assert stored[0]["properties"]["delivery_tag"] == tag
+    time.sleep(1.2)
+    with Connection(url, transport_options={"visibility_timeout": 1}) as stock:
+        stock.default_channel.qos.restore_visible(num=10, interval=1)
+        again = stock.default_channel.basic_get(queue.name, no_ack=True)
+    assert again is not None
+    assert again.payload == {"n": 2, "text": "a/b & c"}
+    assert again.delivery_info.get("redelivered") or again.headers.get("redelivered")
+
+
+def test_an_item_that_is_not_a_kombu_message_is_set_aside_not_dropped(
+    url: str, queue: Queue
+) -> None:
+    """Something that is not a kombu message (not JSON, or JSON without a delivery tag) is
+    moved whole to ``<queue>.unparseable``; the consumer goes on to the next message."""
+    client = redis.Redis.from_url(url)
+    publish(url, queue, {"n": 3})
+    client.rpush(queue.name, b"not json at all", b'{"properties": {}}')
+    with ours(url) as conn:
+        (message,) = receive(conn, queue)
+        message.ack()
+    assert message.payload == {"n": 3}
+    assert sorted(client.lrange(queue.name + UNPARSEABLE_SUFFIX, 0, -1)) == [
+        b"not json at all",
+        b'{"properties": {}}',
+    ]
+    assert client.llen(queue.name) == 0
+
+
+def test_a_no_ack_consumer_keeps_kombus_fetch(url: str, queue: Queue) -> None:
+    """Nothing acknowledges what a no_ack consumer gets, so nothing may be reserved for it:
+    a reservation would come back later as a duplicate."""
+    publish(url, queue, {"n": 4})
+    with ours(url) as conn:
+        (message,) = receive(conn, queue, no_ack=True)
+    assert message.payload == {"n": 4}
+    client = redis.Redis.from_url(url)
+    assert client.hlen(UNACKED) == 0
+    assert client.llen(queue.name) == 0
+
+
+def test_a_message_with_a_priority_is_fetched_and_reserved(url: str, queue: Queue) -> None:
+    """A producer that sets a priority puts the message on a list of its own; the fetch
+    looks at every priority list, not only the one it waits on."""
+    publish(url, queue, {"n": 5}, priority=9)
+    client = redis.Redis.from_url(url)
+    assert client.llen(queue.name) == 0  # it is on the priority's own list
+    with ours(url) as conn:
+        (message,) = receive(conn, queue)
+        assert client.hexists(UNACKED, message.delivery_tag)
+        message.ack()
+    assert message.payload == {"n": 5}
+
+
+def test_a_global_key_prefix_applies_to_every_key_the_fetch_touches(url: str, queue: Queue) -> None:
+    """With ``global_keyprefix``, the list, ``unacked`` and its index all carry the prefix,
+    as kombu's own commands do."""
+    prefix = "pfx:"
+    publish(url, queue, {"n": 6}, transport_options={"global_keyprefix": prefix})
+    client = redis.Redis.from_url(url)
+    assert client.llen(prefix + queue.name) == 1
+    with ours(url, global_keyprefix=prefix) as conn:
+        (message,) = receive(conn, queue)
+        assert client.hexists(prefix + UNACKED, message.delivery_tag)
+        assert client.zscore(prefix + UNACKED_INDEX, message.delivery_tag) is not None
+        message.ack()
+        assert client.hlen(prefix + UNACKED) == 0
+    assert message.payload == {"n": 6}
+    assert client.llen(prefix + queue.name) == 0

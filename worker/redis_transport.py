@@ -1,0 +1,241 @@
+"""A Redis transport whose fetch cannot lose a message.
+
+kombu's Redis transport takes a message with ``BRPOP`` and only afterwards, in a second
+command, records it in the ``unacked`` hash that brings it back if the worker dies. A
+worker killed between the two commands, or a connection cut after the server ran ``BRPOP``
+but before its reply arrived, loses the message: it is in neither the queue nor ``unacked``.
+The fault suite (``make faults``) catches this on a few runs in ten.
+
+This channel closes the window. It waits with ``BLMOVE queue queue RIGHT RIGHT``, which
+blocks until the queue has a message but moves it back onto the same end, so it changes
+nothing. It then takes the message with one Lua script that pops it and records it in
+``unacked`` and ``unacked_index`` in the same atomic step. Whatever dies and whenever, a
+message is either still in its list or reserved, and a reserved message comes back after
+``visibility_timeout``. Everything else (publishing, acks, restore, fan-out) is kombu's.
+
+It needs Redis 6.2 or later (``BLMOVE``). A channel that has a ``no_ack`` consumer keeps
+kombu's own fetch, since nothing would ever acknowledge what the script reserves.
+"""
+
+from __future__ import annotations
+
+import logging
+from queue import Empty
+from time import monotonic, time
+from typing import Any
+
+import redis
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.transport.virtual import Message
+from kombu.utils.json import loads
+
+logger = logging.getLogger(__name__)
+
+# KEYS: unacked hash, unacked index, unparseable list, then the lists to take from, in
+# order. ARGV: the time to record, as kombu's own QoS.append records it.
+# Returns {index of the list, message} or false. The message is stored in ``unacked``
+# as kombu stores it, ``[message, exchange, routing_key]``, built from the raw text so
+# that nothing in it is re-encoded. A list item that is not a kombu message cannot be
+# reserved by its tag: it is moved whole to the unparseable list, never dropped.
+FETCH_SCRIPT = """
+for i = 4, #KEYS do
+  local item = redis.call('RPOP', KEYS[i])
+  if item then
+    local ok, message = pcall(cjson.decode, item)
+    local properties = ok and type(message) == 'table' and message['properties']
+    local tag = type(properties) == 'table' and properties['delivery_tag']
+    local info = type(properties) == 'table' and properties['delivery_info']
+    if type(tag) ~= 'string' or type(info) ~= 'table' then
+      redis.call('LPUSH', KEYS[3], item)
+      return {-1, item}
+    end
+    local exchange = info['exchange'] or ''
+    local routing_key = info['routing_key'] or ''
+    redis.call('ZADD', KEYS[2], ARGV[1], tag)
+    redis.call('HSET', KEYS[1], tag, '[' .. item .. ', ' .. cjson.encode(exchange) ..
+      ', ' .. cjson.encode(routing_key) .. ']')
+    return {i - 3, item}
+  end
+end
+return false
+"""
+
+UNPARSEABLE_SUFFIX = ".unparseable"
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS, minus the write the fetch script has already made."""
+
+    channel: Channel
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if self.channel.take_reserved(delivery_tag):
+            virtual.QoS.append(self, message, delivery_tag)
+        else:
+            super().append(message, delivery_tag)
+
+
+# kombu's Redis channel is untyped: the attributes used below are kombu's.
+_KombuChannel: Any = kombu_redis.Channel
+
+
+class Channel(_KombuChannel):  # type: ignore[misc]
+    """kombu's Redis channel with an atomic fetch-and-reserve."""
+
+    QoS = QoS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reserved: set[str] = set()
+        self._no_ack_queues: set[str] = set()
+        self._fetch_sha: str | None = None
+        self._blmove_key: str | None = None
+
+    # -- which path ----------------------------------------------------------------------
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack and queue not in self._fanout_queues:  # fan-out is LISTEN, not a fetch
+            self._no_ack_queues.add(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def basic_cancel(self, consumer_tag: str) -> Any:
+        queue = self._tag_to_queue.get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)
+        if queue is not None and queue not in self._active_queues:
+            self._no_ack_queues.discard(queue)
+        return result
+
+    def take_reserved(self, delivery_tag: str) -> bool:
+        """True once for a message the fetch script has already recorded in ``unacked``."""
+        try:
+            self._reserved.remove(delivery_tag)
+        except KeyError:
+            return False
+        return True
+
+    def _atomic(self) -> bool:
+        return not self._no_ack_queues
+
+    # -- the consumer's fetch ------------------------------------------------------------
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        if not self._atomic():
+            super()._brpop_start(timeout)
+            return
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        # Wake on the first queue of the cycle; the script then looks at every list.
+        self._blmove_key = self.global_keyprefix + self._q_for_pri(queues[0], 0)
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()
+        self.client.connection.send_command(
+            "BLMOVE", self._blmove_key, self._blmove_key, "RIGHT", "RIGHT", timeout or 0
+        )
+
+    def _brpop_read(self, **options: Any) -> bool:
+        if self._blmove_key is None:
+            return bool(super()._brpop_read(**options))
+        try:
+            try:
+                # The reply only says whether the list had something; the script decides.
+                self.client.parse_response(self.client.connection, "BLMOVE", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            except redis.ResponseError as exc:
+                if "unknown command" in str(exc).lower():
+                    msg = "the Redis broker must be 6.2 or later (BLMOVE)"
+                    raise RuntimeError(msg) from exc
+                raise
+        finally:
+            self._in_poll = None
+            self._blmove_key = None
+            self._flush_brpop_reauth()
+        queues = list(self.active_queues)
+        if self._closing or not queues:
+            # Closing reads the pending wake-up only to free the connection; the wake-up
+            # took nothing, so nothing is fetched now that nobody would run it.
+            raise Empty
+        found = self._fetch_reserved(queues)
+        if found is None:
+            raise Empty
+        queue, payload = found
+        self._queue_cycle.rotate(queue)
+        self.connection._deliver(payload, queue)
+        return True
+
+    def _poll_error(self, type: str, **options: Any) -> None:
+        if type == "BRPOP" and self._blmove_key is not None:
+            self.client.parse_response(self.client.connection, "BLMOVE")
+            return
+        super()._poll_error(type, **options)
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        # A channel closed after its connection (Celery does so when the broker drops)
+        # would raise AttributeError from kombu here, which nothing catches and which
+        # stops the whole worker (kombu#970, kombu#582). A connection error is what it is:
+        # kombu ignores it while closing, and the reservations come back from Redis.
+        if self.connection.client is None:
+            msg = "the broker connection is already closed"
+            raise redis.exceptions.ConnectionError(msg)
+        return super()._connparams(asynchronous=asynchronous)
+
+    # -- basic_get -----------------------------------------------------------------------
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Message | None:
+        if no_ack:
+            message: Message | None = super().basic_get(queue, no_ack=True, **kwargs)
+            return message
+        found = self._fetch_reserved([queue])
+        if found is None:
+            return None
+        message = self.Message(found[1], channel=self)
+        self.qos.append(message, message.delivery_tag)
+        return message
+
+    # -- the script ----------------------------------------------------------------------
+    def _fetch_reserved(self, queues: list[str]) -> tuple[str, dict[str, Any]] | None:
+        """Pop the next message of ``queues`` and reserve it, in one atomic step."""
+        prefix = self.global_keyprefix
+        lists = [
+            (q, prefix + self._q_for_pri(q, pri)) for pri in self.priority_steps for q in queues
+        ]
+        keys = [
+            prefix + self.unacked_key,
+            prefix + self.unacked_index_key,
+            prefix + queues[0] + UNPARSEABLE_SUFFIX,
+            *(key for _, key in lists),
+        ]
+        with self.conn_or_acquire() as client:
+            reply = self._run_fetch(client, keys, time())
+        if not reply:
+            return None
+        index, raw = int(reply[0]), reply[1]
+        if index < 0:
+            logger.error(
+                "a message in Redis list %s is not a kombu message; moved it to %s",
+                lists[0][1],
+                keys[2],
+            )
+            return None
+        queue = lists[index - 1][0]
+        payload: dict[str, Any] = loads(raw.decode() if isinstance(raw, bytes) else raw)
+        self._reserved.add(payload["properties"]["delivery_tag"])
+        return queue, payload
+
+    def _run_fetch(self, client: Any, keys: list[str], now: float) -> Any:
+        # Keys are prefixed above; kombu's prefixing client would prefix only the first.
+        execute: Any = redis.Redis.execute_command
+        if self._fetch_sha is None:
+            self._fetch_sha = execute(client, "SCRIPT", "LOAD", FETCH_SCRIPT)
+        try:
+            return execute(client, "EVALSHA", self._fetch_sha, len(keys), *keys, repr(now))
+        except redis.exceptions.NoScriptError:
+            return execute(client, "EVAL", FETCH_SCRIPT, len(keys), *keys, repr(now))
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with :class:`Channel`."""
+
+    Channel = Channel
