@@ -32,7 +32,7 @@ def count_delivery(broker_url: str, task_id: str, retries: int, ttl: float) -> i
     """
     key = f"{KEY_PREFIX}{task_id}:{retries}"
     try:
-        pipe = _redis(broker_url).pipeline()
+        pipe = _redis(broker_url).pipeline(transaction=False)  # one round trip, no MULTI
         pipe.incr(key)
         pipe.expire(key, max(1, int(ttl)))
         count, _ = pipe.execute()
