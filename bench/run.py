@@ -52,17 +52,13 @@ from worker.topology import QUEUE
 
 #: The settings the README recommends for production, and what ``make bench`` runs.
 RECOMMENDED_POOL = "threads"
-RECOMMENDED_CONCURRENCY = 64
+RECOMMENDED_CONCURRENCY = 128
 RECOMMENDED_PREFETCH = 2
 RECOMMENDED_PROCESSES = 1
 
-#: Celery settings the bench applies on top of worker/app.py (through bench.tuned_app) until
-#: worker/app.py has them; ``--as-configured`` runs worker.app untouched. Task events off:
-#: with the threads pool on RabbitMQ, a pool thread that flushes task events waits for a
-#: publisher confirm on the events connection while the consumer's event loop also reads
-#: that connection (for heartbeats) and takes the confirm; the thread holds the dispatcher's
-#: lock forever and the whole worker stops (3000 events: 590 delivered, then nothing for 180 s).
-#: Flower re-enables task events by itself unless started with ``--enable_events=False``.
+#: Celery settings the bench applies on top of worker/app.py (through bench.tuned_app), to
+#: measure a proposed change before worker/app.py has it; ``--as-configured`` runs
+#: worker.app untouched. Empty: the worker runs exactly as configured, task events on.
 RECOMMENDED_CONF: dict[str, Any] = {}
 
 #: The issue's targets, for 2 cores and a 50 ms gateway.

@@ -314,8 +314,8 @@ def test_a_redirect_answer_is_judged_as_its_own_status(
 ) -> None:
     """The worker judges the 3xx answer itself: with no retries left, a 302 is dead-lettered
     as ``exhausted:302`` with last status 302. Had it followed ``Location: /elsewhere`` (which
-    the emulator answers 404, unrecorded) it would report 404; had requests refused the hop
-    it would report a connection error."""
+    the emulator answers 404, unrecorded) it would report 404; had the HTTP client refused the
+    hop it would report a connection error."""
     env = env_for(TOTANGO_MAX_RETRIES="0")
     app = app_for(env)
     gateway.add_rule({"sdr_o": "acct-302-once"}, [302])

@@ -25,6 +25,12 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def iso_at(timestamp: float) -> str:
+    """A ``time.time()`` stamp in ``now_iso``'s format: take the stamp now, format it only
+    if it is needed (a retry or a dead letter, not a delivery)."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
 @dataclass(frozen=True)
 class Envelope:
     reason: str

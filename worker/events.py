@@ -1,11 +1,12 @@
 """PURE: the event model, its validation, and its gateway parameters.
 
 One module decides what a valid event is, for the producer API and the worker alike. It
-imports neither celery nor requests, so every rule is testable as a table.
+imports neither celery nor an HTTP client, so every rule is testable as a table.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -170,6 +171,7 @@ def from_message(
     return builder(**args, default_service_id=default_service_id)
 
 
+@functools.cache  # three builders; read on every message
 def _parameters(builder: Callable[..., Event]) -> tuple[str, ...]:
     """The keyword arguments of a builder, in signature order (so errors are stable)."""
     code = builder.__code__

@@ -1,25 +1,35 @@
-"""The only module that imports requests: one pooled session per process, TLS 1.2 or newer,
-no redirects, explicit timeouts, and an answer reduced to a status string.
+"""The only module that imports urllib3: one connection pool per process to the gateway's
+host, TLS 1.2 or newer with verified certificates, no redirects, no retries, explicit
+timeouts, and an answer reduced to a status string.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import ssl
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit
+from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined]  # untyped
 
-import requests
-from requests.adapters import HTTPAdapter
+import certifi
+import urllib3
+from urllib3.exceptions import HTTPError, NewConnectionError, TimeoutError
 
 from worker import __version__
+from worker.errors import ConfigError
 from worker.events import Event, encode
 from worker.settings import Settings
 
 USER_AGENT = f"totango-worker/{__version__} (+https://pypi.org/project/totango-worker/)"
 EXCERPT_LENGTH = 200
+#: Environment variables naming a CA bundle to trust instead of certifi's; requests, which
+#: the worker used before, honoured them, so a deployment that sets one keeps working.
+CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 
 
 @dataclass(frozen=True)
@@ -33,71 +43,174 @@ class Answer:
     method: str
 
 
-class TLS12Adapter(HTTPAdapter):
-    """An adapter whose SSL context refuses anything older than TLS 1.2 and always verifies."""
+# --- pure decisions -----------------------------------------------------------------------
 
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        context = ssl.create_default_context()
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        kwargs["ssl_context"] = context
-        super().init_poolmanager(*args, **kwargs)
+
+def pool_size(concurrency: int) -> int:
+    """Connections one process can have in flight at once: one per Celery pool slot for
+    single-event tasks, plus one per batch sender (``batch.process_executor`` has
+    ``concurrency`` threads). Sized to that bound, the pool never has to open a connection
+    it cannot keep, so none is closed after one call (urllib3's "pool is full, discarding
+    connection") and no call waits for a free one."""
+    return 2 * max(1, concurrency)
+
+
+def method_for(settings: Settings, query: str) -> str:
+    """GET by default; POST when set, or when the URL would be too long."""
+    if settings.http_method == "POST":
+        return "POST"
+    if len(settings.gateway_url) + 1 + len(query) > settings.max_url_length:
+        return "POST"
+    return "GET"
+
+
+def proxy_for(url: str, env: Mapping[str, str]) -> str | None:
+    """The proxy for ``url`` from the standard variables (``HTTPS_PROXY``, ``HTTP_PROXY``,
+    ``ALL_PROXY``, the lowercase names winning, and ``NO_PROXY``), as requests chose it."""
+    proxies: dict[str, str] = {}
+    for name in sorted(env, key=lambda n: n.islower()):  # lowercase last, so it wins
+        if name.lower().endswith("_proxy") and env[name]:
+            proxies[name.lower().removesuffix("_proxy")] = env[name]
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if "no" in proxies and (_in_no_proxy_network(host, proxies["no"]) or _bypass(host, proxies)):
+        return None
+    return proxies.get(parts.scheme) or proxies.get("all")
+
+
+def _bypass(host: str, proxies: dict[str, str]) -> bool:
+    # Given the mapping, the standard library reads no environment variable itself.
+    return bool(proxy_bypass_environment(host, proxies))
+
+
+def _in_no_proxy_network(host: str, no_proxy: str) -> bool:
+    """``NO_PROXY=10.0.0.0/8`` style entries, which requests honours for an IP host."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    for entry in no_proxy.replace(" ", "").split(","):
+        if "/" in entry:
+            try:
+                if address in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
+def ca_bundle(env: Mapping[str, str]) -> str:
+    """The CA bundle trusted on top of the system's: certifi's, as requests used, unless
+    ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` names another."""
+    for name in CA_BUNDLE_VARIABLES:
+        if env.get(name):
+            return env[name]
+    return certifi.where()
+
+
+# --- the HTTP client ----------------------------------------------------------------------
+
+
+def tls_context(bundle: str) -> ssl.SSLContext:
+    """An SSL context that refuses anything older than TLS 1.2 and always verifies."""
+    context = ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if os.path.isdir(bundle):
+        context.load_verify_locations(capath=bundle)
+    else:
+        context.load_verify_locations(cafile=bundle)
+    return context
 
 
 class Gateway:
-    """Sends events to the collection gateway over one pooled ``requests.Session``."""
+    """Sends events to the collection gateway over one urllib3 connection pool."""
 
-    def __init__(self, settings: Settings, pool_size: int | None = None) -> None:
+    def __init__(
+        self, settings: Settings, size: int | None = None, env: Mapping[str, str] | None = None
+    ) -> None:
         self.settings = settings
-        size = pool_size or settings.concurrency
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = USER_AGENT
-        adapter = TLS12Adapter(pool_connections=4, pool_maxsize=size, max_retries=0)
-        self.session.mount("https://", adapter)
-        self.session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=size))
-        self.timeout = (settings.connect_timeout, settings.read_timeout)
+        env = os.environ if env is None else env
+        url = settings.gateway_url
+        self.headers = {"User-Agent": USER_AGENT, "Accept": "*/*"}
+        self.form_headers = {**self.headers, "Content-Type": "application/x-www-form-urlencoded"}
+        self.timeout = urllib3.Timeout(connect=settings.connect_timeout, read=settings.read_timeout)
+        pool_kw: dict[str, Any] = {
+            "maxsize": size or pool_size(settings.concurrency),
+            "block": False,  # never reached: the pool holds every call a process can make
+            "headers": self.headers,
+            "timeout": self.timeout,
+            "retries": False,
+        }
+        if urlsplit(url).scheme == "https":
+            pool_kw["ssl_context"] = tls_context(ca_bundle(env))
+            pool_kw["cert_reqs"] = "CERT_REQUIRED"
+        proxy = proxy_for(url, env)
+        self._manager: urllib3.PoolManager | None = None
+        self._pool: urllib3.HTTPConnectionPool | None = None
+        self._urlopen: Callable[..., urllib3.BaseHTTPResponse]
+        if proxy is None:
+            # One host: its pool is asked directly, with only the path and query, which
+            # saves PoolManager's per-call URL parsing and pool lookup.
+            self._pool = urllib3.connection_from_url(url, **pool_kw)
+            parts = urlsplit(url)
+            self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            self._urlopen = self._pool.urlopen
+        else:
+            auth = urlsplit(proxy)
+            proxy_headers = None
+            if auth.username is not None:
+                credentials = f"{unquote(auth.username)}:{unquote(auth.password or '')}"
+                proxy_headers = urllib3.make_headers(proxy_basic_auth=credentials)
+            self._manager = urllib3.ProxyManager(
+                proxy, num_pools=1, proxy_headers=proxy_headers, **pool_kw
+            )
+            self.target = url
+            self._urlopen = self._manager.urlopen
 
     def method_for(self, query: str) -> str:
-        """GET by default; POST when set, or when the URL would be too long."""
-        if self.settings.http_method == "POST":
-            return "POST"
-        if len(self.settings.gateway_url) + 1 + len(query) > self.settings.max_url_length:
-            return "POST"
-        return "GET"
+        return method_for(self.settings, query)
 
     def send(self, event: Event) -> Answer:
         query = encode(event.params)
-        method = self.method_for(query)
+        method = method_for(self.settings, query)
         started = time.perf_counter()
         try:
             if method == "GET":
-                response = self.session.get(
-                    f"{self.settings.gateway_url}?{query}",
+                response = self._urlopen(
+                    "GET",
+                    f"{self.target}?{query}",
+                    redirect=False,
+                    retries=False,
                     timeout=self.timeout,
-                    allow_redirects=False,
-                    verify=True,
                 )
             else:
-                response = self.session.post(
-                    self.settings.gateway_url,
-                    data=query.encode("ascii"),
-                    headers={"Content-Type": "application/x-www-form-urlencoded"},
+                response = self._urlopen(
+                    "POST",
+                    self.target,
+                    body=query.encode("ascii"),
+                    headers=self.form_headers,  # replaces the pool's: so it repeats them
+                    redirect=False,
+                    retries=False,
                     timeout=self.timeout,
-                    allow_redirects=False,
-                    verify=True,
                 )
-        except requests.Timeout as exc:
-            return Answer("timeout", None, _excerpt(str(exc)), _since(started), method)
-        except requests.RequestException as exc:
+        # A refused connection or a failed DNS look-up is a NewConnectionError, which
+        # urllib3 derives from ConnectTimeoutError: it is a connection error, not a timeout.
+        except NewConnectionError as exc:
             return Answer("connection_error", None, _excerpt(str(exc)), _since(started), method)
-        with response:
-            status = str(response.status_code)
-            excerpt = "" if status == "200" else _excerpt(response.text)
-            return Answer(
-                status, response.headers.get("Retry-After"), excerpt, _since(started), method
-            )
+        except TimeoutError as exc:  # connect or read timeout, while sending or reading
+            return Answer("timeout", None, _excerpt(str(exc)), _since(started), method)
+        except (HTTPError, OSError) as exc:  # reset, TLS failure, a malformed answer
+            return Answer("connection_error", None, _excerpt(str(exc)), _since(started), method)
+        # The body is read already (preload), and the connection back in the pool.
+        status = str(response.status)
+        excerpt = "" if status == "200" else _excerpt(response.data.decode("utf-8", "replace"))
+        return Answer(status, response.headers.get("Retry-After"), excerpt, _since(started), method)
 
     def close(self) -> None:
-        self.session.close()
+        if self._pool is not None:
+            self._pool.close()
+        if self._manager is not None:
+            self._manager.clear()
 
 
 def _since(started: float) -> float:
@@ -109,6 +222,32 @@ def _excerpt(text: str) -> str:
     return text[:EXCERPT_LENGTH]
 
 
+def check_gateway(settings: Settings, env: Mapping[str, str] | None = None) -> None:
+    """Build the gateway once when the worker starts, so that a proxy or a CA bundle it
+    cannot use stops the worker there (:class:`ConfigError`), not each event later."""
+    env = os.environ if env is None else env
+    proxy = proxy_for(settings.gateway_url, env)
+    if proxy is not None:
+        scheme = urlsplit(proxy).scheme
+        if scheme not in {"http", "https"}:
+            variable = _proxy_variable(settings.gateway_url, env)
+            raise ConfigError(variable, f"must be an http:// or https:// proxy; got {scheme!r}")
+    try:
+        Gateway(settings, env=env).close()
+    except OSError as exc:  # ssl.SSLError too: a CA bundle that cannot be read or parsed
+        variable = next((v for v in CA_BUNDLE_VARIABLES if env.get(v)), "the CA bundle")
+        raise ConfigError(variable, f"cannot be loaded ({exc})") from None
+
+
+def _proxy_variable(url: str, env: Mapping[str, str]) -> str:
+    """The name of the variable that set the proxy, for the error message."""
+    scheme = urlsplit(url).scheme
+    for name in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY", "all_proxy", "ALL_PROXY"):
+        if env.get(name):
+            return name
+    return f"{scheme.upper()}_PROXY"
+
+
 _local_lock = threading.Lock()
 _gateway: Gateway | None = None
 _gateway_pid = 0
@@ -116,16 +255,19 @@ _gateway_pid = 0
 
 def process_gateway(settings: Settings) -> Gateway:
     """The gateway of this process, created after a fork so no pool is shared across it."""
-    global _gateway, _gateway_pid  # noqa: PLW0603  one session per process is the point
+    global _gateway, _gateway_pid  # noqa: PLW0603  one pool per process is the point
+    gateway, pid = _gateway, os.getpid()
+    if gateway is not None and _gateway_pid == pid:  # every call after the first: no lock
+        return gateway
     with _local_lock:
-        if _gateway is None or _gateway_pid != os.getpid():
+        if _gateway is None or _gateway_pid != pid:
             _gateway = Gateway(settings)
-            _gateway_pid = os.getpid()
+            _gateway_pid = pid
         return _gateway
 
 
 def reset_process_gateway() -> None:
-    """Drop the session after a fork, so that the child makes its own."""
-    global _gateway  # noqa: PLW0603  one session per process is the point
+    """Drop the pool after a fork, so that the child makes its own."""
+    global _gateway  # noqa: PLW0603  one pool per process is the point
     with _local_lock:
         _gateway = None

@@ -123,10 +123,27 @@ def gateway_call() -> Iterator[None]:
         in_flight.dec()
 
 
+#: Label children by (metric, label value), so the hot path skips prometheus_client's
+#: per-call lookup under its lock. Only a few values exist (tasks, statuses, methods).
+_children: dict[tuple[str, str], Any] = {}
+
+
+def _child(name: str, value: str) -> Any:
+    child = _children.get((name, value))
+    if child is None:
+        family = getattr(metrics(), name)
+        label = {"responses": "status", "latency": "method", "delivered": "task"}[name]
+        child = _children[(name, value)] = family.labels(**{label: value})
+    return child
+
+
 def record_answer(status: str, method: str, elapsed: float) -> None:
-    m = metrics()
-    m.responses.labels(status=status).inc()
-    m.latency.labels(method=method).observe(elapsed)
+    _child("responses", status).inc()
+    _child("latency", method).observe(elapsed)
+
+
+def record_delivered(task: str) -> None:
+    _child("delivered", task).inc()
 
 
 def record_queue_wait(enqueued_at: Any) -> None:

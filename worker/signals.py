@@ -16,7 +16,7 @@ from worker import metrics, observability
 from worker.deadletter import HOSTNAME
 from worker.envelope import Envelope, event_id_of, now_iso
 from worker.errors import ConfigError
-from worker.gateway import reset_process_gateway
+from worker.gateway import check_gateway, reset_process_gateway
 
 if TYPE_CHECKING:
     from worker.app import TotangoCelery
@@ -34,6 +34,7 @@ def connect(app: TotangoCelery) -> None:
         observability.configure_logging(settings.log_level)
         try:
             settings.check_worker()
+            check_gateway(settings)
         except ConfigError as exc:
             # A signal handler's exception is only logged by Celery; exit so a wrong setting
             # stops the worker at start, not on its first task.

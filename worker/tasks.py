@@ -7,13 +7,14 @@ Invalid, or out of retries: an envelope on the dead-letter queue, then the messa
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
 
 from worker import events, metrics, observability
 from worker.deadletter import HOSTNAME, publish
-from worker.envelope import Envelope, event_id_of, now_iso
+from worker.envelope import Envelope, event_id_of, iso_at, now_iso
 from worker.errors import DeliveryFailed, InvalidEvent
 from worker.gateway import process_gateway
 from worker.redeliveries import count_delivery
@@ -61,7 +62,9 @@ def relay(task: Task[Any, Any], name: str, args: tuple[Any, ...], kwargs: dict[s
     settings = app.settings
     request = task.request
     attempt = request.retries + 1
-    first_attempt_at = header(request, FIRST_ATTEMPT_HEADER) or now_iso()
+    # The first attempt's time, formatted only if a retry or a dead letter needs it.
+    started_at = time.time()
+    first_attempt_at: str | None = header(request, FIRST_ATTEMPT_HEADER)
     if request.retries == 0:  # a retry's wait is its backoff, not a backlog
         metrics.record_queue_wait(header(request, ENQUEUED_AT_HEADER))
     if _over_delivery_limit(app, request):
@@ -109,7 +112,7 @@ def relay(task: Task[Any, Any], name: str, args: tuple[Any, ...], kwargs: dict[s
     metrics.record_answer(answer.status, answer.method, answer.elapsed)
     who = f"event_id={event.event_id} account={event.account_id} task={name}"
     if is_delivered(answer.status):
-        metrics.DELIVERED.labels(task=name).inc()
+        metrics.record_delivered(name)
         log.info("delivered %s attempt=%d", who, attempt)
         return "delivered"
 
@@ -133,7 +136,7 @@ def relay(task: Task[Any, Any], name: str, args: tuple[Any, ...], kwargs: dict[s
             countdown=decision.delay,
             max_retries=settings.max_retries,
             exc=DeliveryFailed(answer.status, answer.retry_after, answer.excerpt),
-            headers={FIRST_ATTEMPT_HEADER: first_attempt_at},
+            headers={FIRST_ATTEMPT_HEADER: first_attempt_at or iso_at(started_at)},
             # Route the retry by queue, not by the exchange the producer happened to use:
             # on Redis a producer's exchange binding is a key that a restart can lose.
             queue=QUEUE,
@@ -147,7 +150,7 @@ def relay(task: Task[Any, Any], name: str, args: tuple[Any, ...], kwargs: dict[s
             kwargs=kwargs,
             attempts=attempt,
             worker_host=HOSTNAME,
-            first_attempt_at=first_attempt_at,
+            first_attempt_at=first_attempt_at or iso_at(started_at),
             last_attempt_at=now_iso(),
             last_status=answer.status,
             last_excerpt=answer.excerpt,

@@ -1,0 +1,320 @@
+"""worker/gateway.py over real loopback HTTP(S): the gateway emulator (or a small TLS server
+with a certificate made here) stands in for Totango; nothing patches urllib3.
+
+Each test builds its settings from a plain dict and a ``Gateway`` of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import pytest
+
+from worker.emulator import PIXEL_GIF, GatewayEmulator
+from worker.errors import ConfigError
+from worker.events import Event, track_activity
+from worker.gateway import (
+    USER_AGENT,
+    Gateway,
+    ca_bundle,
+    check_gateway,
+    pool_size,
+    process_gateway,
+    proxy_for,
+    reset_process_gateway,
+    tls_context,
+)
+from worker.settings import Settings
+
+SERVICE_ID = "SP-1234-56"
+
+
+def settings_for(url: str, **extra: str) -> Settings:
+    return Settings.from_env(
+        {"TOTANGO_GATEWAY_URL": url, "TOTANGO_SERVICE_ID": SERVICE_ID, **extra}
+    )
+
+
+def event(account_id: str = "acme", **kwargs: Any) -> Event:
+    return track_activity(
+        account_id=account_id,
+        user_id="jane@acme.example",
+        activity="Login",
+        module="App",
+        event_id="e-1",
+        default_service_id=SERVICE_ID,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def emulator() -> Iterator[GatewayEmulator]:
+    with GatewayEmulator() as emu:
+        yield emu
+
+
+@pytest.fixture
+def client(emulator: GatewayEmulator) -> Iterator[Gateway]:
+    gateway = Gateway(settings_for(f"{emulator.url}/pixel.gif", TOTANGO_READ_TIMEOUT="1"), env={})
+    yield gateway
+    gateway.close()
+
+
+def test_a_get_carries_the_event_and_the_user_agent_and_a_200_is_delivered(
+    emulator: GatewayEmulator, client: Gateway
+) -> None:
+    """One GET to pixel.gif whose query decodes to exactly the event's parameters, with the
+    worker's User-Agent; the answer is "200" with no excerpt."""
+    sent = event("a&b=c d", account_attributes={"Contract Value": 1200.5})
+    answer = client.send(sent)
+    assert (answer.status, answer.method, answer.excerpt) == ("200", "GET", "")
+    [call] = emulator.calls()
+    assert call.method == "GET"
+    assert call.params == sent.params
+    assert {k.lower(): v for k, v in call.headers.items()}["user-agent"] == USER_AGENT
+
+
+def test_a_query_too_long_for_a_url_is_posted_as_a_form_with_the_user_agent(
+    emulator: GatewayEmulator,
+) -> None:
+    """Past TOTANGO_MAX_URL_LENGTH the call is a POST form; urllib3 replaces the pool's
+    headers with a call's own, so the User-Agent must still be there."""
+    settings = settings_for(f"{emulator.url}/pixel.gif", TOTANGO_MAX_URL_LENGTH="256")
+    sent = event(user_attributes={"bio": "x" * 300})
+    answer = Gateway(settings, env={}).send(sent)
+    assert (answer.status, answer.method) == ("200", "POST")
+    [call] = emulator.calls()
+    headers = {k.lower(): v for k, v in call.headers.items()}
+    assert call.method == "POST"
+    assert call.params == sent.params
+    assert headers["content-type"] == "application/x-www-form-urlencoded"
+    assert headers["user-agent"] == USER_AGENT
+
+
+def test_a_redirect_is_not_followed_but_answered_as_its_status(
+    emulator: GatewayEmulator, client: Gateway
+) -> None:
+    """A 302 is a non-200 answer: one call, nothing sent to its Location."""
+    emulator.add_rule(None, [302])
+    assert client.send(event()).status == "302"
+    assert [c.status for c in emulator.calls()] == [302]
+
+
+def test_a_503_keeps_its_retry_after_and_an_excerpt(
+    emulator: GatewayEmulator, client: Gateway
+) -> None:
+    emulator.add_rule(None, [503], retry_after="7")
+    answer = client.send(event())
+    assert (answer.status, answer.retry_after, answer.excerpt) == ("503", "7", "error")
+
+
+def test_a_read_timeout_is_a_timeout_and_a_reset_a_connection_error(
+    emulator: GatewayEmulator, client: Gateway
+) -> None:
+    """The read timeout comes from the settings (1 s here; the gateway hangs 2 s)."""
+    emulator.hang_seconds = 2.0
+    emulator.add_rule(None, ["timeout"])
+    answer = client.send(event())
+    assert answer.status == "timeout"
+    assert 0.9 < answer.elapsed < 1.9
+    emulator.add_rule(None, ["reset"])
+    assert client.send(event()).status == "connection_error"
+    assert client.send(event()).status == "200"  # the pool recovers
+
+
+def test_a_refused_connection_is_a_connection_error_not_a_timeout() -> None:
+    """urllib3 derives NewConnectionError from ConnectTimeoutError; a refusal must still be
+    reported as ``connection_error``, as requests reported it."""
+    with GatewayEmulator() as emu:
+        url = f"{emu.url}/pixel.gif"
+    answer = Gateway(settings_for(url), env={}).send(event())
+    assert answer.status == "connection_error"
+
+
+def test_the_pool_holds_every_call_a_process_can_make_so_no_connection_is_discarded(
+    emulator: GatewayEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Single-event tasks (``concurrency`` threads) and batch senders (``concurrency`` more)
+    can be in flight together: 2 x concurrency calls at once, twice over, open 2 x
+    concurrency connections and reuse them, with no "pool is full" discard."""
+    concurrency = 4
+    emulator.set_delay(0.2)
+    settings = settings_for(f"{emulator.url}/pixel.gif", TOTANGO_CONCURRENCY=str(concurrency))
+    client = Gateway(settings, env={})
+    assert pool_size(concurrency) == 8
+    caplog.set_level(logging.WARNING, logger="urllib3")
+    with ThreadPoolExecutor(max_workers=2 * concurrency) as pool:
+        for _ in range(2):
+            answers = list(pool.map(lambda _: client.send(event()), range(2 * concurrency)))
+            assert {a.status for a in answers} == {"200"}
+    assert client._pool is not None
+    assert client._pool.num_connections == 2 * concurrency
+    assert not [r for r in caplog.records if "discarding" in r.getMessage()]
+
+
+def test_one_gateway_per_process_made_again_after_a_reset(emulator: GatewayEmulator) -> None:
+    settings = settings_for(f"{emulator.url}/pixel.gif")
+    reset_process_gateway()
+    first = process_gateway(settings)
+    assert process_gateway(settings) is first
+    reset_process_gateway()
+    assert process_gateway(settings) is not first
+    reset_process_gateway()
+
+
+# --- TLS ----------------------------------------------------------------------------------
+
+
+def test_the_tls_context_refuses_anything_below_tls_1_2_and_verifies() -> None:
+    context = tls_context(ca_bundle({}))
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A self-signed certificate for localhost, made with the openssl command."""
+    folder = tmp_path_factory.mktemp("tls")
+    pem = folder / "localhost.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+         "-keyout", str(pem), "-out", str(pem)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return pem
+
+
+class _Pixel(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    seen: list[list[tuple[str, str]]]
+
+    def do_GET(self) -> None:
+        self.seen.append(parse_qsl(self.path.partition("?")[2]))
+        self.send_response(200)
+        self.send_header("Content-Type", "image/gif")
+        self.send_header("Content-Length", str(len(PIXEL_GIF)))
+        self.end_headers()
+        self.wfile.write(PIXEL_GIF)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet."""
+
+
+@pytest.fixture
+def tls_gateway(certificate: Path) -> Iterator[tuple[str, list[list[tuple[str, str]]]]]:
+    """An HTTPS pixel.gif on loopback, serving the self-signed certificate."""
+    seen: list[list[tuple[str, str]]] = []
+    handler = type("Pixel", (_Pixel,), {"seen": seen})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield f"https://localhost:{server.server_address[1]}/pixel.gif", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_an_unverifiable_certificate_is_refused(
+    tls_gateway: tuple[str, list[list[tuple[str, str]]]],
+) -> None:
+    """Certificates are always verified: a self-signed one is a connection error, and the
+    event never reaches the server."""
+    url, seen = tls_gateway
+    answer = Gateway(settings_for(url), env={}).send(event())
+    assert answer.status == "connection_error"
+    assert "CERTIFICATE_VERIFY_FAILED" in answer.excerpt
+    assert seen == []
+
+
+def test_a_ca_bundle_named_in_the_environment_is_trusted(
+    tls_gateway: tuple[str, list[list[tuple[str, str]]]], certificate: Path
+) -> None:
+    """REQUESTS_CA_BUNDLE (honoured by requests, which the worker used before) still names
+    the CAs to trust; the call then goes through over TLS."""
+    url, seen = tls_gateway
+    client = Gateway(settings_for(url), env={"REQUESTS_CA_BUNDLE": str(certificate)})
+    assert client.send(event()).status == "200"
+    assert len(seen) == 1
+
+
+# --- proxies, from the environment as requests read them ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "url", "expected"),
+    [
+        ({}, "https://sdr.totango.com/pixel.gif", None),
+        ({"HTTPS_PROXY": "http://p:3128"}, "https://sdr.totango.com/pixel.gif", "http://p:3128"),
+        ({"https_proxy": "http://a:1", "HTTPS_PROXY": "http://b:2"}, "https://x.com/", "http://a:1"),
+        ({"HTTP_PROXY": "http://p:3128"}, "https://sdr.totango.com/pixel.gif", None),
+        ({"ALL_PROXY": "http://p:3128"}, "https://sdr.totango.com/pixel.gif", "http://p:3128"),
+        (
+            {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "totango.com"},
+            "https://sdr.totango.com/pixel.gif",
+            None,
+        ),
+        ({"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "*"}, "https://x.com/", None),
+        ({"HTTP_PROXY": "http://p:3128", "NO_PROXY": "10.0.0.0/8"}, "http://10.1.2.3/", None),
+        ({"HTTP_PROXY": "http://p:3128", "NO_PROXY": "10.0.0.0/8"}, "http://11.1.2.3/", "http://p:3128"),
+    ],
+)  # fmt: skip
+def test_the_proxy_is_chosen_as_requests_chose_it(
+    env: dict[str, str], url: str, expected: str | None
+) -> None:
+    assert proxy_for(url, env) == expected
+
+
+def test_a_call_goes_through_the_proxy_named_in_the_environment(
+    emulator: GatewayEmulator,
+) -> None:
+    """An http:// gateway behind HTTP_PROXY: the proxy (the emulator here) is sent the
+    absolute URL and answers for it, with a Proxy-Authorization from the proxy URL."""
+    settings = settings_for("http://gateway.invalid/pixel.gif", TOTANGO_ALLOW_INSECURE_GATEWAY="1")
+    proxy = f"http://user:p%40ss@127.0.0.1:{emulator.port}"
+    client = Gateway(settings, env={"HTTP_PROXY": proxy})
+    assert client.send(event()).status == "200"
+    [call] = emulator.calls()
+    assert call.params == event().params
+    headers = {k.lower(): v for k, v in call.headers.items()}
+    assert headers["proxy-authorization"] == "Basic dXNlcjpwQHNz"  # user:p@ss
+    assert headers["user-agent"] == USER_AGENT
+
+
+def test_a_proxy_the_gateway_cannot_use_stops_the_worker_at_start() -> None:
+    """A SOCKS proxy (urllib3 speaks only HTTP proxies) is a bad setting named by its
+    variable when the worker starts, instead of a failure on every event."""
+    settings = settings_for("https://sdr.totango.com/pixel.gif")
+    with pytest.raises(ConfigError) as caught:
+        check_gateway(settings, {"HTTPS_PROXY": "socks5://127.0.0.1:1080"})
+    assert caught.value.variable == "HTTPS_PROXY"
+    assert "socks5" in caught.value.reason
+    check_gateway(settings, {"HTTPS_PROXY": "http://127.0.0.1:3128"})  # an HTTP proxy is fine
+
+
+def test_a_ca_bundle_that_cannot_be_loaded_stops_the_worker_at_start(tmp_path: Path) -> None:
+    """A CA bundle named in the environment that is missing, or is not PEM, is a bad
+    setting named by its variable."""
+    settings = settings_for("https://sdr.totango.com/pixel.gif")
+    not_pem = tmp_path / "bundle.pem"
+    not_pem.write_text("not a certificate\n")
+    for bundle in (str(tmp_path / "missing.pem"), str(not_pem)):
+        with pytest.raises(ConfigError) as caught:
+            check_gateway(settings, {"REQUESTS_CA_BUNDLE": bundle})
+        assert caught.value.variable == "REQUESTS_CA_BUNDLE"
+        assert "cannot be loaded" in caught.value.reason
