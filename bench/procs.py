@@ -203,6 +203,14 @@ class Worker:
         self.rss = RssSampler([proc.pid for proc in self.procs], other=other)
         self.peak_rss_mb = 0.0
 
+    def ready(self) -> bool:
+        """Every process has logged Celery's "<name> ready.": it is consuming."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+        return text.count(" ready.") >= len(self.procs)
+
     def check_alive(self) -> None:
         for proc in self.procs:
             if proc.poll() is not None:

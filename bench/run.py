@@ -12,8 +12,8 @@ and the project's gateway emulator answering after ``--delay-ms`` (50 ms by defa
    ``RECOMMENDED_CONF`` on top until worker/app.py has it); in the first round, then
    ``--latency-events`` more at ``--latency-rate`` per second for the enqueue-to-answer
    latency;
-4. batch: ``--batch-events`` events in batches of 100 (``Producer.send_batch``),
-   pre-published, then a fresh worker with the same settings.
+4. batch: a fresh worker with the same settings, then, once every process is ready,
+   ``--batch-events`` events in batches of 100 (``Producer.send_batch``).
 
 events/s is (n - 1) / (last completion - first completion), a completion being a 200 at the
 gateway, or the no-op task's end; each phase keeps its best round. Every delivered event is
@@ -304,17 +304,17 @@ def run_batch(run: Run, kind: str, url: str, config: Config) -> dict[str, Any]:
     envs, ports = _worker_envs(run, url, config, f"batch-{kind}")
     producer = Producer(app=create_app(Settings.from_env(envs[0])))
     prepared = [producer.prepare(TRACK_ACTIVITY, **load.event_kwargs(tag, i)) for i in range(b)]
-    producer.send_batch(prepared)
     messages = math.ceil(b / MAX_BATCH_EVENTS)
-    load.wait_for(
-        lambda: load.queue_length(url, QUEUE) >= messages,
-        run.deadline.budget("batch publish"),
-        "the batch backlog",
-    )
-    producer.app.close()
     emulator.reset()
+    # The workers first, then the batches: a backlog of ~100 heavy messages published before
+    # they start goes to whichever process connects first (prefetch holds them all), so
+    # with several processes one would do the work and the others wait. Pods that are
+    # already running when the traffic comes, as in production, share it.
     worker = _start_ours(run, envs, config, f"batch-{tag}-{kind}")
     try:
+        load.wait_for(worker.ready, run.deadline.budget("workers ready"), "ready", worker)
+        producer.send_batch(prepared)
+        producer.app.close()
         load.wait_for(
             lambda: load.delivered_counter(ports) >= b,
             run.deadline.budget("batch"),
