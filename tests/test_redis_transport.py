@@ -194,3 +194,20 @@ def test_a_global_key_prefix_applies_to_every_key_the_fetch_touches(url: str, qu
         assert client.hlen(prefix + UNACKED) == 0
     assert message.payload == {"n": 6}
     assert client.llen(prefix + queue.name) == 0
+
+
+def test_closing_with_a_wake_up_pending_takes_nothing(url: str, queue: Queue) -> None:
+    """A consumer waiting in BLMOVE is closed after a message arrived: closing reads the
+    pending answer only to free the connection. The message stays on the list, not
+    reserved for a consumer that is gone (kombu's BRPOP would have taken it)."""
+    client = redis.Redis.from_url(url)
+    conn = ours(url)
+    with Consumer(conn, [queue], callbacks=[lambda _b, m: m.ack()]):
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=0.2)  # the channel now waits in BLMOVE
+        assert conn.default_channel._in_poll
+        publish(url, queue, {"n": 7})
+        time.sleep(0.2)  # Redis answers the BLMOVE; nobody reads the answer yet
+        conn.close()
+    assert client.llen(queue.name) == 1
+    assert client.hlen(UNACKED) == 0
