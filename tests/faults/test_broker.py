@@ -165,5 +165,7 @@ def test_redis_a_fetch_lost_in_transit_leaves_the_message_somewhere(
                 )
             )
             assert_nothing_lost(run, tally, row)
+            promised = f"back after {back:.1f} s; promised {PROMISED_RECOVERY:g} s"
+            assert back <= PROMISED_RECOVERY, promised
         finally:
             run.close()
