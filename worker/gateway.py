@@ -67,20 +67,28 @@ def method_for(settings: Settings, query: str) -> str:
 def proxy_for(url: str, env: Mapping[str, str]) -> str | None:
     """The proxy for ``url`` from the standard variables (``HTTPS_PROXY``, ``HTTP_PROXY``,
     ``ALL_PROXY``, the lowercase names winning, and ``NO_PROXY``), as requests chose it."""
-    proxies: dict[str, str] = {}
+    setting = _proxy_setting(url, env)
+    return None if setting is None else setting[1]
+
+
+def _proxy_setting(url: str, env: Mapping[str, str]) -> tuple[str, str] | None:
+    """The variable that names the proxy for ``url``, and its value."""
+    settings: dict[str, tuple[str, str]] = {}
     for name in sorted(env, key=lambda n: n.islower()):  # lowercase last, so it wins
         if name.lower().endswith("_proxy") and env[name]:
-            proxies[name.lower().removesuffix("_proxy")] = env[name]
+            settings[name.lower().removesuffix("_proxy")] = (name, env[name])
     parts = urlsplit(url)
     host = parts.hostname or ""
-    if "no" in proxies and (_in_no_proxy_network(host, proxies["no"]) or _bypass(host, proxies)):
-        return None
-    return proxies.get(parts.scheme) or proxies.get("all")
+    if "no" in settings:
+        no_proxy = settings["no"][1]
+        if _in_no_proxy_network(host, no_proxy) or _bypass(host, no_proxy):
+            return None
+    return settings.get(parts.scheme) or settings.get("all")
 
 
-def _bypass(host: str, proxies: dict[str, str]) -> bool:
+def _bypass(host: str, no_proxy: str) -> bool:
     # Given the mapping, the standard library reads no environment variable itself.
-    return bool(proxy_bypass_environment(host, proxies))
+    return bool(proxy_bypass_environment(host, {"no": no_proxy}))
 
 
 def _in_no_proxy_network(host: str, no_proxy: str) -> bool:
@@ -102,10 +110,12 @@ def _in_no_proxy_network(host: str, no_proxy: str) -> bool:
 def ca_bundle(env: Mapping[str, str]) -> str:
     """The CA bundle trusted on top of the system's: certifi's, as requests used, unless
     ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` names another."""
-    for name in CA_BUNDLE_VARIABLES:
-        if env.get(name):
-            return env[name]
-    return certifi.where()
+    name = _ca_bundle_variable(env)
+    return env[name] if name else certifi.where()
+
+
+def _ca_bundle_variable(env: Mapping[str, str]) -> str | None:
+    return next((name for name in CA_BUNDLE_VARIABLES if env.get(name)), None)
 
 
 # --- the HTTP client ----------------------------------------------------------------------
@@ -167,9 +177,6 @@ class Gateway:
             self.target = url
             self._urlopen = self._manager.urlopen
 
-    def method_for(self, query: str) -> str:
-        return method_for(self.settings, query)
-
     def send(self, event: Event) -> Answer:
         query = encode(event.params)
         method = method_for(self.settings, query)
@@ -226,26 +233,17 @@ def check_gateway(settings: Settings, env: Mapping[str, str] | None = None) -> N
     """Build the gateway once when the worker starts, so that a proxy or a CA bundle it
     cannot use stops the worker there (:class:`ConfigError`), not each event later."""
     env = os.environ if env is None else env
-    proxy = proxy_for(settings.gateway_url, env)
+    proxy = _proxy_setting(settings.gateway_url, env)
     if proxy is not None:
-        scheme = urlsplit(proxy).scheme
+        variable, url = proxy
+        scheme = urlsplit(url).scheme
         if scheme not in {"http", "https"}:
-            variable = _proxy_variable(settings.gateway_url, env)
             raise ConfigError(variable, f"must be an http:// or https:// proxy; got {scheme!r}")
     try:
         Gateway(settings, env=env).close()
     except OSError as exc:  # ssl.SSLError too: a CA bundle that cannot be read or parsed
-        variable = next((v for v in CA_BUNDLE_VARIABLES if env.get(v)), "the CA bundle")
+        variable = _ca_bundle_variable(env) or "the CA bundle"
         raise ConfigError(variable, f"cannot be loaded ({exc})") from None
-
-
-def _proxy_variable(url: str, env: Mapping[str, str]) -> str:
-    """The name of the variable that set the proxy, for the error message."""
-    scheme = urlsplit(url).scheme
-    for name in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY", "all_proxy", "ALL_PROXY"):
-        if env.get(name):
-            return name
-    return f"{scheme.upper()}_PROXY"
 
 
 _local_lock = threading.Lock()
