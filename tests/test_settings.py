@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from worker.errors import ConfigError
+from worker.retry import RetryPolicy
 from worker.settings import REGION_GATEWAYS, Settings, broker_kind, is_loopback
 
 US = "https://sdr.totango.com/pixel.gif"
@@ -409,4 +410,19 @@ def test_empty_optional_strings_mean_none() -> None:
         None,
         None,
         None,
+    )
+
+
+def test_the_retry_policy_is_made_of_the_retry_settings() -> None:
+    """Single events and batches decide retries with the policy the settings make."""
+    settings = Settings.from_env(
+        {
+            "TOTANGO_MAX_RETRIES": "3",
+            "TOTANGO_RETRY_BACKOFF_BASE": "2",
+            "TOTANGO_RETRY_BACKOFF_MAX": "40",
+            "TOTANGO_RETRY_AFTER_MAX": "50",
+        }
+    )
+    assert settings.retry_policy == RetryPolicy(
+        max_retries=3, backoff_base=2.0, backoff_max=40.0, retry_after_max=50.0
     )

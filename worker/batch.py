@@ -125,13 +125,7 @@ def relay_batch(
         dead_letter(app, _envelope(problem.code, item.event_id, item.task, item.kwargs, excerpt))
 
     counts = {"delivered": 0, "retrying": 0, "dead_lettered": len(invalid)}
-    policy = RetryPolicy(
-        settings.max_retries,
-        settings.retry_backoff_base,
-        settings.retry_backoff_max,
-        settings.retry_after_max,
-    )
-    batch = _Batch(app, policy, batch_id, first_attempt_at)
+    batch = _Batch(app, settings.retry_policy, batch_id, first_attempt_at)
     for (item, event), answer in zip(valid, sending.answers(), strict=True):
         counts[batch.settle(item, event, answer)] += 1
     log.info(

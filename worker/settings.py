@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from worker.errors import ConfigError
+from worker.retry import RetryPolicy
 
 #: The documented collection hosts. Sending to the wrong region loses data silently, so the
 #: region is an explicit, validated choice and never guessed.
@@ -136,6 +137,13 @@ class Settings:
     def longest_delay(self) -> float:
         """The longest countdown a retry can get: the backoff cap or the Retry-After cap."""
         return max(self.retry_backoff_max, self.retry_after_max)
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The retry policy these settings make, for single events and batches alike."""
+        return RetryPolicy(
+            self.max_retries, self.retry_backoff_base, self.retry_backoff_max, self.retry_after_max
+        )
 
     def check_delays(self) -> None:
         """A retry countdown must stay below what the broker tolerates for a held message.

@@ -18,7 +18,7 @@ from worker.envelope import Envelope, event_id_of, iso_at, now_iso
 from worker.errors import DeliveryFailed, InvalidEvent
 from worker.gateway import process_gateway
 from worker.redeliveries import count_delivery
-from worker.retry import RetryPolicy, decide, is_delivered
+from worker.retry import decide, is_delivered
 from worker.topology import DELIVERY_LIMIT, QUEUE
 
 if TYPE_CHECKING:
@@ -116,13 +116,7 @@ def relay(task: Task[Any, Any], name: str, args: tuple[Any, ...], kwargs: dict[s
         log.info("delivered %s attempt=%d", who, attempt)
         return "delivered"
 
-    policy = RetryPolicy(
-        settings.max_retries,
-        settings.retry_backoff_base,
-        settings.retry_backoff_max,
-        settings.retry_after_max,
-    )
-    decision = decide(answer.status, request.retries, policy, answer.retry_after)
+    decision = decide(answer.status, request.retries, settings.retry_policy, answer.retry_after)
     if decision.retry:
         metrics.RETRIED.labels(task=name, reason=answer.status).inc()
         log.info(
