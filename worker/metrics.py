@@ -130,10 +130,8 @@ _children: dict[tuple[str, str], Any] = {}
 
 def _child(name: str, value: str) -> Any:
     child = _children.get((name, value))
-    if child is None:
-        family = getattr(metrics(), name)
-        label = {"responses": "status", "latency": "method", "delivered": "task"}[name]
-        child = _children[(name, value)] = family.labels(**{label: value})
+    if child is None:  # each of these metrics has one label: its value is the key
+        child = _children[(name, value)] = getattr(metrics(), name).labels(value)
     return child
 
 

@@ -115,12 +115,9 @@ class Channel(_KombuChannel):  # type: ignore[misc]
             return False
         return True
 
-    def _atomic(self) -> bool:
-        return not self._no_ack_queues
-
     # -- the consumer's fetch ------------------------------------------------------------
     def _brpop_start(self, timeout: float | None = None) -> None:
-        if not self._atomic():
+        if self._no_ack_queues:  # nothing would acknowledge what the script reserves
             super()._brpop_start(timeout)
             return
         if timeout is None:
