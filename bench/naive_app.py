@@ -13,20 +13,14 @@ from typing import Any
 import requests
 from celery import Celery
 
+from bench.noop_app import baseline_app
+
 QUEUE = "bench_naive"
 TASK = "bench.naive_relay"
 
 
 def make_app(broker_url: str, gateway_url: str) -> Celery:
-    app = Celery("bench_naive", broker=broker_url, set_as_current=False)
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        task_acks_late=True,
-        task_default_queue=QUEUE,
-        worker_hijack_root_logger=False,
-    )
+    app = baseline_app("bench_naive", broker_url, QUEUE)
 
     @app.task(name=TASK)
     def relay(**kwargs: Any) -> None:

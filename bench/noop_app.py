@@ -19,16 +19,22 @@ QUEUE = "bench_noop"
 TASK = "bench.noop"
 
 
-def make_app(broker_url: str) -> Celery:
-    app = Celery("bench_noop", broker=broker_url, set_as_current=False)
+def baseline_app(name: str, broker_url: str, queue: str) -> Celery:
+    """A plain Celery app as both baselines have it: JSON, no results, ``acks_late``."""
+    app = Celery(name, broker=broker_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
         task_acks_late=True,
-        task_default_queue=QUEUE,
+        task_default_queue=queue,
         worker_hijack_root_logger=False,
     )
+    return app
+
+
+def make_app(broker_url: str) -> Celery:
+    app = baseline_app("bench_noop", broker_url, QUEUE)
 
     @app.task(name=TASK)
     def noop(**_kwargs: Any) -> None:

@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench import load
 from bench.procs import ROOT, BenchError, Emulator, Processes, Worker
@@ -49,6 +49,9 @@ from worker.client import Producer
 from worker.events import MAX_BATCH_EVENTS, TRACK_ACTIVITY
 from worker.settings import Settings
 from worker.topology import QUEUE
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 #: The settings the README recommends for production, and what ``make bench`` runs.
 RECOMMENDED_POOL = "threads"
@@ -152,20 +155,26 @@ class Run:
 # --- the phases ---------------------------------------------------------------------------
 
 
+def _prepublish(run: Run, app: Celery, task: str, queue: str, *, tag: str, what: str) -> None:
+    """A baseline's backlog: ``--events`` tasks published with plain Celery, all queued
+    before its worker starts."""
+    n, url = run.args.events, app.conf.broker_url
+    with app.producer_or_acquire() as producer:
+        for i in range(n):
+            app.send_task(task, kwargs=load.event_kwargs(tag, i), producer=producer)
+    app.close()
+    load.wait_for(
+        lambda: load.queue_length(url, queue) >= n,
+        run.deadline.budget(f"{what} publish"),
+        f"the {what} backlog",
+    )
+
+
 def run_noop(run: Run, kind: str, url: str) -> dict[str, Any]:
     from bench import noop_app  # noqa: PLC0415  reads BENCH_* only when a phase needs it
 
     n, tag = run.args.events, f"noop{uuid.uuid4().hex[:6]}"
-    app = noop_app.make_app(url)
-    with app.producer_or_acquire() as producer:
-        for i in range(n):
-            app.send_task(noop_app.TASK, kwargs=load.event_kwargs(tag, i), producer=producer)
-    app.close()
-    load.wait_for(
-        lambda: load.queue_length(url, noop_app.QUEUE) >= n,
-        run.deadline.budget("no-op publish"),
-        "the no-op backlog",
-    )
+    _prepublish(run, noop_app.make_app(url), noop_app.TASK, noop_app.QUEUE, tag=tag, what="no-op")
     stamps = run.out / f"{tag}-{kind}.stamps"
     env = {**_clean_env(), "BENCH_BROKER_URL": url, "BENCH_STAMP_FILE": str(stamps)}
     worker = run.start("bench.noop_app", [env], ["-P", "prefork", "-c", "2"], f"noop-{kind}")
@@ -192,15 +201,7 @@ def run_naive(run: Run, kind: str, url: str) -> dict[str, Any]:
     n, tag = run.args.events, f"naive{uuid.uuid4().hex[:6]}"
     emulator = run.emulator
     app = naive_app.make_app(url, emulator.gateway_url)
-    with app.producer_or_acquire() as producer:
-        for i in range(n):
-            app.send_task(naive_app.TASK, kwargs=load.event_kwargs(tag, i), producer=producer)
-    app.close()
-    load.wait_for(
-        lambda: load.queue_length(url, naive_app.QUEUE) >= n,
-        run.deadline.budget("naive publish"),
-        "the naive backlog",
-    )
+    _prepublish(run, app, naive_app.TASK, naive_app.QUEUE, tag=tag, what="naive")
     emulator.reset()
     env = {
         **_clean_env(),

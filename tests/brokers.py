@@ -9,8 +9,14 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import redis
+
+from worker.topology import task_queue
+
+if TYPE_CHECKING:
+    from worker.app import TotangoCelery
 
 RABBITMQ_HOST = os.environ.get("TEST_RABBITMQ_HOST", "127.0.0.1:5672")
 REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1:6379")
@@ -69,3 +75,15 @@ def broker(kind: str) -> Iterator[str]:
     else:
         with redis_database() as url:
             yield url
+
+
+def main_queue_length(app: TotangoCelery) -> int:
+    """How many messages wait on the ``totango`` queue, as the broker counts them (the
+    declaration repeats the worker's own, so it changes nothing)."""
+    with app.connection_for_write() as connection:
+        channel: Any = connection.channel()
+        try:
+            queue = task_queue(app.settings.broker_kind)(channel)
+            return int(queue.queue_declare().message_count)
+        finally:
+            channel.close()

@@ -52,13 +52,40 @@ def env_for(
 
 
 @pytest.fixture
-def start_worker(tmp_path: Path) -> Callable[..., AbstractContextManager[Popen[bytes]]]:
-    """Start a real worker as a context manager; its output goes to tmp_path/worker.log."""
+def worker_log(tmp_path: Path) -> Path:
+    """Where ``start_worker`` writes the worker's output."""
+    return tmp_path / "worker.log"
+
+
+@pytest.fixture
+def start_worker(worker_log: Path) -> Callable[..., AbstractContextManager[Popen[bytes]]]:
+    """Start a real worker as a context manager; its output goes to ``worker_log``."""
 
     def start(env: dict[str, str], *args: str) -> AbstractContextManager[Popen[bytes]]:
-        return running_worker(env, tmp_path / "worker.log", args)
+        return running_worker(env, worker_log, args)
 
     return start
+
+
+@pytest.fixture
+def env(env_for: Callable[..., dict[str, str]]) -> dict[str, str]:
+    """The default test worker's settings: MAX_RETRIES=2, backoff 0.2 s..1 s, read timeout
+    2 s, 4 threads (``tests/workers.worker_env``)."""
+    return env_for()
+
+
+@pytest.fixture
+def app(env: dict[str, str], app_for: Callable[[dict[str, str]], TotangoCelery]) -> TotangoCelery:
+    return app_for(env)
+
+
+@pytest.fixture
+def worker(
+    env: dict[str, str], start_worker: Callable[..., AbstractContextManager[Popen[bytes]]]
+) -> Iterator[Popen[bytes]]:
+    """One real worker for the whole test, consuming as production does (no ``-Q``)."""
+    with start_worker(env) as proc:
+        yield proc
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from subprocess import Popen
@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 
+from tests.brokers import main_queue_length
+from tests.workers import wait_until
 from worker.app import TotangoCelery
 from worker.client import Producer
 from worker.deadletter import browse
 from worker.emulator import Call, GatewayEmulator
 from worker.events import MAX_BATCH_EVENTS, TRACK_ACTIVITY, TRACK_BATCH
-from worker.topology import task_queue
 
 pytestmark = pytest.mark.integration
 
@@ -33,20 +34,6 @@ StartWorker = Callable[..., AbstractContextManager[Popen[bytes]]]
 OUTCOME_TIMEOUT = 30.0
 #: How long to keep watching after the expected outcome, to catch a duplicate or a late call.
 SETTLE_SECONDS = 1.5
-
-
-def wait_until(probe: Callable[[], Any], timeout: float, what: str, log: Path) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-            pytest.fail(
-                f"timed out after {timeout}s waiting for {what}\n--- worker log ---\n{tail}"
-            )
-        time.sleep(0.05)
 
 
 def user_of(call: Call) -> str:
@@ -62,38 +49,6 @@ def calls_by_user(gateway: GatewayEmulator) -> dict[str, list[Call]]:
 
 def activity(user_id: str, **extra: Any) -> dict[str, Any]:
     return {"account_id": "acme", "user_id": user_id, "activity": "A", "module": "M", **extra}
-
-
-def main_queue_length(app: TotangoCelery) -> int:
-    with app.connection_for_write() as connection:
-        channel: Any = connection.channel()
-        try:
-            queue = task_queue(app.settings.broker_kind)(channel)
-            return int(queue.queue_declare().message_count)
-        finally:
-            channel.close()
-
-
-@pytest.fixture
-def env(env_for: Callable[..., Env]) -> Env:
-    """The test worker's settings: 4 threads, MAX_RETRIES=2, retries about 1 s apart."""
-    return env_for()
-
-
-@pytest.fixture
-def app(env: Env, app_for: Callable[[Env], TotangoCelery]) -> TotangoCelery:
-    return app_for(env)
-
-
-@pytest.fixture
-def worker_log(tmp_path: Path) -> Path:
-    return tmp_path / "worker.log"
-
-
-@pytest.fixture
-def worker(env: Env, start_worker: StartWorker) -> Iterator[Popen[bytes]]:
-    with start_worker(env) as proc:
-        yield proc
 
 
 @pytest.mark.usefixtures("worker")

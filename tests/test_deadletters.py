@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.brokers import main_queue_length
 from worker.app import TotangoCelery
 from worker.deadletter import HOSTNAME, browse, publish, replay
 from worker.emulator import GatewayEmulator
@@ -68,16 +69,6 @@ def main_queue_event_ids(app: TotangoCelery) -> list[str]:
         finally:
             channel.close()
     return ids
-
-
-def main_queue_length(app: TotangoCelery) -> int:
-    with app.connection_for_write() as connection:
-        channel: Any = connection.channel()
-        try:
-            queue = task_queue(app.settings.broker_kind)(channel)
-            return int(queue.queue_declare().message_count)
-        finally:
-            channel.close()
 
 
 def test_list_show_stats_and_filters(

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.workers import stop, tail
+from tests.workers import stop, tail, wait_until
 from worker.app import TotangoCelery
 from worker.client import Producer
 from worker.emulator import GatewayEmulator
@@ -108,17 +108,6 @@ def running_flower(env: dict[str, str], port: int, log_path: Path) -> Iterator[P
         stop(proc)
 
 
-def wait_for(probe: Callable[[], Any], what: str, log: Path) -> Any:
-    deadline = time.monotonic() + SEEN_TIMEOUT
-    while True:
-        result = probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {SEEN_TIMEOUT}s waiting for {what}\n{tail(log)}")
-        time.sleep(0.2)
-
-
 def inspected_worker(port: int, worker: str) -> dict[str, Any] | None:
     """The worker's inspect replies (queues, registered tasks) once Flower has them both."""
     info: dict[str, Any] = get_json(port, "/api/workers?refresh=1").get(worker, {})
@@ -155,11 +144,23 @@ def test_flower_shows_the_worker_and_its_relayed_tasks_behind_basic_auth(
     port = free_port()
     log = tmp_path / "flower.log"
     with running_flower(env, port, log), start_worker(env):
-        online = wait_for(lambda: get_json(port, "/api/workers?status=1"), "worker events", log)
+        online = wait_until(
+            lambda: get_json(port, "/api/workers?status=1"),
+            SEEN_TIMEOUT,
+            "worker events",
+            log,
+            interval=0.2,
+        )
         (worker,) = online
         assert online == {worker: True}
         # Each refresh is one inspect broadcast, and a reply can miss its 1 s timeout.
-        inspected = wait_for(lambda: inspected_worker(port, worker), "inspect replies", log)
+        inspected = wait_until(
+            lambda: inspected_worker(port, worker),
+            SEEN_TIMEOUT,
+            "inspect replies",
+            log,
+            interval=0.2,
+        )
         assert [q["name"] for q in inspected["active_queues"]] == ["totango"]
         assert {TRACK_ACTIVITY, UPDATE_ACCOUNT} <= set(inspected["registered"])
 
@@ -184,7 +185,7 @@ def test_flower_shows_the_worker_and_its_relayed_tasks_behind_basic_auth(
                     return tasks
             return None
 
-        tasks = wait_for(settled, "every task to succeed", log)
+        tasks = wait_until(settled, SEEN_TIMEOUT, "every task to succeed", log, interval=0.2)
         assert {i: (t["name"], t["worker"]) for i, t in tasks.items()} == {
             retried: (TRACK_ACTIVITY, worker),
             plain[0]: (TRACK_ACTIVITY, worker),

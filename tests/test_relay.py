@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from kombu import Connection
 
+from tests.workers import tail, wait_until
 from worker.app import TotangoCelery
 from worker.client import Producer
 from worker.deadletter import browse
@@ -43,32 +44,6 @@ DEFAULT_SERVICE_ID = "SP-1234-56"  # what tests.workers.worker_env sets
 
 
 # --- helpers ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def worker_log(tmp_path: Path) -> Path:
-    """Where the ``start_worker`` fixture writes the worker's output."""
-    return tmp_path / "worker.log"
-
-
-def log_tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no worker log)"
-
-
-def wait_until(probe: Callable[[], Any], timeout: float, what: str, log: Path | None = None) -> Any:
-    """Poll ``probe`` until it returns something truthy; fail with the worker log if not."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            tail = f"\n--- worker log ---\n{log_tail(log)}" if log else ""
-            pytest.fail(f"timed out after {timeout}s waiting for {what}{tail}")
-        time.sleep(0.05)
 
 
 def calls_for(gateway: GatewayEmulator, account_id: str) -> list[Call]:
@@ -134,26 +109,8 @@ def new_id() -> str:
 
 
 @pytest.fixture
-def env(env_for: Callable[..., Env]) -> Env:
-    """The default test worker's settings: MAX_RETRIES=2, backoff 0.2 s..1 s, read timeout 2 s."""
-    return env_for()
-
-
-@pytest.fixture
-def app(env: Env, app_for: Callable[[Env], TotangoCelery]) -> TotangoCelery:
-    return app_for(env)
-
-
-@pytest.fixture
 def producer(app: TotangoCelery) -> Producer:
     return Producer(app=app)
-
-
-@pytest.fixture
-def worker(env: Env, start_worker: StartWorker) -> Iterator[Popen[bytes]]:
-    """One real worker for the whole test, consuming as production does (no ``-Q``)."""
-    with start_worker(env) as proc:
-        yield proc
 
 
 # --- 1. the wire contract ------------------------------------------------------------------
@@ -257,7 +214,7 @@ def test_every_task_kind_arrives_with_exactly_the_documented_params(
         assert "+" not in call.raw, call.raw
         user_agent = {k.lower(): v for k, v in call.headers.items()}.get("user-agent", "")
         assert user_agent.startswith("totango-worker/"), user_agent
-    assert "sdr_s=SP-1234-56" in raw, log_tail(worker_log)
+    assert "sdr_s=SP-1234-56" in raw, tail(worker_log, 40)
 
 
 # --- 2, 3, 6, 10. what is retried, and when --------------------------------------------------
@@ -512,7 +469,7 @@ def test_bad_messages_neither_crash_nor_wedge_the_worker(
 
     wait_calls(gateway, "after-bad", 1, worker_log)
     envelopes = wait_dead_letters(app, 4, worker_log)
-    assert worker.poll() is None, log_tail(worker_log)
+    assert worker.poll() is None, tail(worker_log, 40)
     assert len(gateway.calls()) == 1
     found = by_task_id(envelopes)
 

@@ -7,9 +7,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 START_TIMEOUT = 60.0
 
@@ -95,3 +98,23 @@ def tail(path: Path, lines: int = 60) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def wait_until(
+    probe: Callable[[], Any],
+    timeout: float,
+    what: str,
+    log: Path | None = None,
+    interval: float = 0.05,
+) -> Any:
+    """Poll ``probe`` until it returns something truthy, and return that; fail the test
+    after ``timeout`` seconds, with the end of the worker's log if there is one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            end = f"\n--- worker log ---\n{tail(log, 40)}" if log else ""
+            pytest.fail(f"timed out after {timeout}s waiting for {what}{end}")
+        time.sleep(interval)

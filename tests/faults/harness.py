@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,7 @@ from kombu.transport.native_delayed_delivery import MAX_LEVEL, level_name
 
 from tests.faults.accounting import DELIVER, KEY_RE, Ledger, Row, Tally
 from tests.faults.processes import Worker
-from tests.workers import worker_env
+from tests.workers import wait_until, worker_env
 from worker.app import TotangoCelery, create_app
 from worker.client import Producer
 from worker.deadletter import browse
@@ -286,7 +286,7 @@ def probe_delivery(producer: Producer, ledger: Ledger, gateway: GatewayEmulator)
     started = time.time()
     key = ledger.key(DELIVER)
     _send_until_taken(producer, key, Background(), RECONNECT_TIMEOUT)
-    wait_for(lambda: key in delivered_keys(gateway), RECONNECT_TIMEOUT, f"{key} delivered")
+    wait_until(lambda: key in delivered_keys(gateway), RECONNECT_TIMEOUT, f"{key} delivered")
     return time.time() - started
 
 
@@ -306,17 +306,6 @@ def _send_until_taken(producer: Producer, key: str, state: Background, limit: fl
             time.sleep(0.2)
         else:
             return
-
-
-def wait_for(probe: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def first_200_after(run: Run, keys: set[str], after: float) -> dict[str, float]:

@@ -24,10 +24,10 @@ from tests.faults.harness import (
     send,
     sending,
     via,
-    wait_for,
 )
 from tests.faults.processes import PrivateRedis
 from tests.faults.proxy import TcpProxy
+from tests.workers import wait_until
 from worker.client import Producer
 from worker.emulator import GatewayEmulator
 from worker.topology import QUEUE
@@ -59,7 +59,7 @@ def test_broker_connection_cut_mid_run_and_restored(run: Run) -> None:
         with sending(producer_api, ledger, CUT_EVENTS, CUT_RATE) as producer:
             for n in range(1, CUTS + 1):
                 mark = n * CUT_EVENTS // (CUTS + 2)
-                wait_for(lambda m=mark: len(run.gateway.delivered()) >= m, 60, "deliveries")
+                wait_until(lambda m=mark: len(run.gateway.delivered()) >= m, 60, "deliveries")
                 assert proxy.cut() > 0
                 time.sleep(CUT_SECONDS)
                 proxy.restore()
@@ -102,7 +102,7 @@ def test_private_redis_server_killed_and_restarted_mid_run(
         with sending(producer_api, ledger, RESTART_EVENTS, RESTART_RATE) as producer:
             for n in range(1, RESTARTS + 1):
                 mark = n * RESTART_EVENTS // (RESTARTS + 2)
-                wait_for(lambda m=mark: len(gateway.delivered()) >= m, 60, "deliveries")
+                wait_until(lambda m=mark: len(gateway.delivered()) >= m, 60, "deliveries")
                 server.restart(REDIS_DOWN_SECONDS)
                 reconnects.append(probe_delivery(producer_api, ledger, gateway))
         assert producer.error is None, producer.error
@@ -148,7 +148,7 @@ def test_redis_a_fetch_lost_in_transit_leaves_the_message_somewhere(
             ledger = run.ledger("2 broker cut: the fetch's answer lost")
             proxy.drop_reply = lambda data: data.startswith(TAKE_REPLIES)
             (key,) = send(Producer(app=app), ledger, 1)
-            wait_for(lambda: proxy.dropped_replies, 10, "a fetch's answer to drop")
+            wait_until(lambda: proxy.dropped_replies, 10, "a fetch's answer to drop")
             dropped_at = time.monotonic()
             proxy.drop_reply = None
             time.sleep(3.0)  # the worker reconnects and goes on fetching

@@ -30,8 +30,8 @@ from tests.faults.harness import (
     queued_keys,
     reserved_keys,
     send,
-    wait_for,
 )
+from tests.workers import wait_until
 from worker.client import Producer
 from worker.deadletter import browse
 
@@ -78,7 +78,7 @@ def test_kill_9_at_random_moments_loses_nothing(run: Run) -> None:
         # Past the mark, and delivering since its last start: a pool process killed while
         # the pool is still starting makes Celery give up ("Could not start worker
         # processes"), which a supervisor would answer with a restart like any other.
-        wait_for(lambda m=mark: _running_past(run, worker.ready_at, m), 120, f"{mark} deliveries")
+        wait_until(lambda m=mark: _running_past(run, worker.ready_at, m), 120, f"{mark} deliveries")
         time.sleep(rng.uniform(0, 0.2))  # a random moment, not just after a delivery
         kill = Kill(what, time.time())
         if what == "all":
@@ -162,7 +162,7 @@ def test_a_pool_process_killed_mid_call_is_retried_within_the_retry_delays(run: 
     run.gateway.set_delay(2.0)
     run.gateway.set_outage(503)
     send(Producer(app=app), ledger, 1)
-    wait_for(run.gateway.calls, 30, "the call to start")
+    wait_until(run.gateway.calls, 30, "the call to start")
     killed_at = time.time()
     assert worker.kill_child() is not None
     run.gateway.set_outage(None)
@@ -199,7 +199,7 @@ def test_sigterm_while_calls_are_in_flight(run: Run) -> None:
     ledger = run.ledger("5 graceful stop: SIGTERM")
     run.gateway.set_delay(STOP_CALL_SECONDS)
     send(Producer(app=app), ledger, STOP_EVENTS)
-    calls = wait_for(
+    calls = wait_until(
         lambda: c if len(c := run.gateway.calls()) >= CONCURRENCY else None, 30, "calls"
     )
     in_flight = {k for call in calls for _, v in call.params for k in KEY_RE.findall(v)}
