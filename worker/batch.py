@@ -24,7 +24,7 @@ from worker import events, metrics
 from worker.deadletter import HOSTNAME, PUBLISH_RETRY_POLICY
 from worker.envelope import Envelope, now_iso
 from worker.errors import InvalidEvent
-from worker.gateway import Answer, process_gateway
+from worker.gateway import Answer
 from worker.retry import RetryPolicy, decide, is_delivered
 from worker.settings import Settings
 from worker.tasks import (
@@ -33,6 +33,7 @@ from worker.tasks import (
     WORKER_LOST_RETRY_DELAY,
     dead_letter,
     header,
+    send,
 )
 
 if TYPE_CHECKING:
@@ -139,13 +140,6 @@ def relay_batch(
     return counts
 
 
-def _send(settings: Settings, event: events.Event) -> Answer:
-    with metrics.gateway_call():
-        answer = process_gateway(settings).send(event)
-    metrics.record_answer(answer.status, answer.method, answer.elapsed)
-    return answer
-
-
 #: Events each sender of a batch is planned to send in turn. A Future (with its Condition
 #: and a trip through the executor's queue) per event cost about a tenth of a batch's CPU
 #: (py-spy); one per 4 events costs a quarter of that. The executor's threads stay busy as
@@ -185,7 +179,7 @@ class _Sending:
             except IndexError:
                 return
             try:
-                self._results[index] = _send(self._settings, self._events[index])
+                self._results[index] = send(self._settings, self._events[index])
             except Exception as exc:  # noqa: BLE001  one event's bug is that event's outcome
                 self._results[index] = exc
 

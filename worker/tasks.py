@@ -16,13 +16,14 @@ from worker import events, metrics, observability
 from worker.deadletter import HOSTNAME, publish
 from worker.envelope import Envelope, event_id_of, iso_at, now_iso
 from worker.errors import DeliveryFailed, InvalidEvent
-from worker.gateway import process_gateway
+from worker.gateway import Answer, process_gateway
 from worker.redeliveries import count_delivery
 from worker.retry import decide, is_delivered
 from worker.topology import DELIVERY_LIMIT, QUEUE
 
 if TYPE_CHECKING:
     from worker.app import TotangoCelery
+    from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +108,7 @@ def relay(task: Task[Any, Any], name: str, args: tuple[Any, ...], kwargs: dict[s
         )
         return "dead_lettered"
 
-    with metrics.gateway_call():
-        answer = process_gateway(settings).send(event)
-    metrics.record_answer(answer.status, answer.method, answer.elapsed)
+    answer = send(settings, event)
     who = f"event_id={event.event_id} account={event.account_id} task={name}"
     if is_delivered(answer.status):
         metrics.record_delivered(name)
@@ -152,6 +151,14 @@ def relay(task: Task[Any, Any], name: str, args: tuple[Any, ...], kwargs: dict[s
         ),
     )
     return "dead_lettered"
+
+
+def send(settings: Settings, event: events.Event) -> Answer:
+    """One gateway call, counted in flight and by its answer."""
+    with metrics.gateway_call():
+        answer = process_gateway(settings).send(event)
+    metrics.record_answer(answer.status, answer.method, answer.elapsed)
+    return answer
 
 
 def dead_letter(app: TotangoCelery, envelope: Envelope) -> None:
