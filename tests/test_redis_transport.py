@@ -211,3 +211,40 @@ def test_closing_with_a_wake_up_pending_takes_nothing(url: str, queue: Queue) ->
         conn.close()
     assert client.llen(queue.name) == 1
     assert client.hlen(UNACKED) == 0
+
+
+def test_with_two_queues_neither_waits_on_the_other(url: str) -> None:
+    """A worker without ``-Q`` consumes ``totango`` and ``totango.batch``. Redis cannot block
+    on two lists without taking from them, and a channel that waited on the empty queue
+    while the other had a backlog fetched one message per wake-up timeout (1 s each: 20 s
+    for these 20). Here the backlog is fetched message after message with no wake-up in
+    between (20 fetches in well under 10 s), each reserved, then acknowledged; after that
+    a message published to either queue is still fetched."""
+    idle, busy = (
+        Queue(name, Exchange("", type="direct"), routing_key=name)
+        for name in (f"q-idle-{uuid.uuid4().hex[:6]}", f"q-busy-{uuid.uuid4().hex[:6]}")
+    )
+    for n in range(20):
+        publish(url, busy, {"n": n})
+    got: list[Message] = []
+    with (
+        ours(url) as conn,
+        Consumer(conn, [idle, busy], callbacks=[lambda _b, m: got.append(m)]),
+    ):
+        started = time.monotonic()
+        while len(got) < 20 and time.monotonic() - started < 30:
+            conn.drain_events(timeout=2)
+        took = time.monotonic() - started
+        assert sorted(m.payload["n"] for m in got) == list(range(20))
+        assert took < 10, f"20 waiting messages took {took:.1f} s: a wake-up per message"
+        assert redis.Redis.from_url(url).hlen(UNACKED) == 20
+        for message in got:
+            message.ack()
+        for queue in (idle, busy):
+            publish(url, queue, {"late": queue.name})
+            conn.drain_events(timeout=5)
+            assert got[-1].payload == {"late": queue.name}
+            got[-1].ack()
+    client = redis.Redis.from_url(url)
+    assert client.hlen(UNACKED) == 0
+    assert client.llen(idle.name) == client.llen(busy.name) == 0

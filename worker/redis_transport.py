@@ -11,7 +11,12 @@ blocks until the queue has a message but moves it back onto the same end, so it 
 nothing. It then takes the message with one Lua script that pops it and records it in
 ``unacked`` and ``unacked_index`` in the same atomic step. Whatever dies and whenever, a
 message is either still in its list or reserved, and a reserved message comes back after
-``visibility_timeout``. Everything else (publishing, acks, restore, fan-out) is kombu's.
+``visibility_timeout``. While messages keep coming, the script itself is the command the
+event loop waits for, with no wake-up before it. With several queues (a worker without
+``-Q`` takes ``totango`` and ``totango.batch``), the script looks at every queue; an idle
+channel watches one at a time for at most ``IDLE_LOOK``, since Redis cannot block on
+several lists without taking from them. Everything else (publishing, acks, restore,
+fan-out) is kombu's.
 
 It needs Redis 6.2 or later (``BLMOVE``). A channel that has a ``no_ack`` consumer keeps
 kombu's own fetch, since nothing would ever acknowledge what the script reserves.
@@ -31,6 +36,10 @@ from kombu.transport.virtual import Message
 from kombu.utils.json import loads
 
 logger = logging.getLogger(__name__)
+
+#: With several queues, the longest an idle channel blocks on one of them (seconds): a
+#: message arriving on another queue waits at most this long.
+IDLE_LOOK = 0.2
 
 # KEYS: unacked hash, unacked index, unparseable list, then the lists to take from, in
 # order. ARGV: the time to record, as kombu's own QoS.append records it.
@@ -91,6 +100,11 @@ class Channel(_KombuChannel):  # type: ignore[misc]
         self._no_ack_queues: set[str] = set()
         self._fetch_sha: str | None = None
         self._blmove_key: str | None = None
+        self._blmove_queue: str | None = None
+        #: The fetch script sent as the event loop's command: its keys and lists.
+        self._pending_fetch: tuple[list[str], list[tuple[str, str]]] | None = None
+        #: The last look found a message (the next one is fetched without a wake-up).
+        self._busy = False
         self._sync_client: Any = None
         super().__init__(*args, **kwargs)
 
@@ -125,17 +139,37 @@ class Channel(_KombuChannel):  # type: ignore[misc]
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
-        # Wake on the first queue of the cycle; the script then looks at every list.
-        self._blmove_key = self.global_keyprefix + self._q_for_pri(queues[0], 0)
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
+        if self._busy and self._fetch_sha is not None:
+            # The last look found a message, so more are likely waiting: the fetch script
+            # itself is the command the event loop waits for. No wake-up round trip, and
+            # every queue is looked at.
+            keys, lists = self._fetch_keys(queues)
+            self._pending_fetch = (keys, lists)
+            self.client.connection.send_command(
+                "EVALSHA", self._fetch_sha, len(keys), *keys, repr(time())
+            )
+            return
+        # Nothing was waiting: block until the cycle's first queue has a message (BLMOVE
+        # moves it onto the same end of the same list: a no-op), then run the script on
+        # every queue. Redis cannot block on several lists without taking from them, so
+        # with several queues the wait is short and watches each queue in turn: a message
+        # on another queue waits IDLE_LOOK at most.
+        if len(queues) > 1:
+            timeout = min(timeout, IDLE_LOOK)
+        self._blmove_key = self.global_keyprefix + self._q_for_pri(queues[0], 0)
+        self._blmove_queue = queues[0]
         self.client.connection.send_command(
             "BLMOVE", self._blmove_key, self._blmove_key, "RIGHT", "RIGHT", timeout or 0
         )
 
     def _brpop_read(self, **options: Any) -> bool:
+        if self._pending_fetch is not None:
+            return self._fetch_read(**options)
         if self._blmove_key is None:
             return bool(super()._brpop_read(**options))
+        watched = self._blmove_queue
         try:
             try:
                 # The reply only says whether the list had something; the script decides.
@@ -159,13 +193,55 @@ class Channel(_KombuChannel):  # type: ignore[misc]
             raise Empty
         found = self._fetch_reserved(queues)
         if found is None:
+            self._busy = False
+            if watched in queues:
+                self._queue_cycle.rotate(watched)  # the next wait watches another queue
             raise Empty
+        return self._deliver_found(found)
+
+    def _fetch_read(self, **options: Any) -> bool:
+        """The reply of the fetch script sent as the event loop's command (busy path)."""
+        keys, lists = self._pending_fetch or ([], [])
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, "EVALSHA", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            except redis.exceptions.NoScriptError:  # Redis restarted: its script cache is empty
+                self._fetch_sha = None
+                self._busy = False
+                raise Empty from None
+        finally:
+            self._in_poll = None
+            self._pending_fetch = None
+            self._flush_brpop_reauth()
+        found = self._found(reply, keys, lists)
+        if found is None:
+            self._busy = False
+            raise Empty
+        if self._closing or found[0] not in self.active_queues:
+            # Reserved, but nobody will run it now: put it back at once rather than leave it
+            # to the visibility timeout.
+            tag = found[1]["properties"]["delivery_tag"]
+            self._reserved.discard(tag)
+            self.qos.restore_by_tag(tag)
+            raise Empty
+        return self._deliver_found(found)
+
+    def _deliver_found(self, found: tuple[str, dict[str, Any]]) -> bool:
         queue, payload = found
+        self._busy = True
         self._queue_cycle.rotate(queue)
         self.connection._deliver(payload, queue)
         return True
 
     def _poll_error(self, type: str, **options: Any) -> None:
+        if type == "BRPOP" and self._pending_fetch is not None:
+            # A reservation the script made stays in ``unacked`` and comes back from there.
+            self._pending_fetch = None
+            self.client.parse_response(self.client.connection, "EVALSHA")
+            return
         if type == "BRPOP" and self._blmove_key is not None:
             self.client.parse_response(self.client.connection, "BLMOVE")
             return
@@ -207,8 +283,8 @@ class Channel(_KombuChannel):  # type: ignore[misc]
         return message
 
     # -- the script ----------------------------------------------------------------------
-    def _fetch_reserved(self, queues: list[str]) -> tuple[str, dict[str, Any]] | None:
-        """Pop the next message of ``queues`` and reserve it, in one atomic step."""
+    def _fetch_keys(self, queues: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+        """The script's keys for ``queues``, and each list with the queue it belongs to."""
         prefix = self.global_keyprefix
         lists = [
             (q, prefix + self._q_for_pri(q, pri)) for pri in self.priority_steps for q in queues
@@ -219,8 +295,19 @@ class Channel(_KombuChannel):  # type: ignore[misc]
             prefix + queues[0] + UNPARSEABLE_SUFFIX,
             *(key for _, key in lists),
         ]
+        return keys, lists
+
+    def _fetch_reserved(self, queues: list[str]) -> tuple[str, dict[str, Any]] | None:
+        """Pop the next message of ``queues`` and reserve it, in one atomic step."""
+        keys, lists = self._fetch_keys(queues)
         with self.conn_or_acquire() as client:
             reply = self._run_fetch(client, keys, time())
+        return self._found(reply, keys, lists)
+
+    def _found(
+        self, reply: Any, keys: list[str], lists: list[tuple[str, str]]
+    ) -> tuple[str, dict[str, Any]] | None:
+        """The queue and message of a script reply, or None when it reserved nothing."""
         if not reply:
             return None
         index, raw = int(reply[0]), reply[1]
