@@ -12,8 +12,10 @@ and the project's gateway emulator answering after ``--delay-ms`` (50 ms by defa
    ``RECOMMENDED_CONF`` on top until worker/app.py has it); in the first round, then
    ``--latency-events`` more at ``--latency-rate`` per second for the enqueue-to-answer
    latency;
-4. batch: a fresh worker with the same settings, then, once every process is ready,
-   ``--batch-events`` events in batches of 100 (``Producer.send_batch``).
+   Each consumes only ``totango`` (``-Q totango``), as the single-event Deployment does;
+4. batch: a fresh worker as the batch Deployment runs (``-Q totango.batch`` with
+   ``--batch-config``), then, once every process is ready, ``--batch-events`` events in
+   batches of 100 (``Producer.send_batch``).
 
 events/s is (n - 1) / (last completion - first completion), a completion being a 200 at the
 gateway, or the no-op task's end; each phase keeps its best round. Every delivered event is
@@ -48,7 +50,7 @@ from worker.app import create_app
 from worker.client import Producer
 from worker.events import MAX_BATCH_EVENTS, TRACK_ACTIVITY
 from worker.settings import Settings
-from worker.topology import QUEUE
+from worker.topology import BATCH_QUEUE, QUEUE
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -58,6 +60,10 @@ RECOMMENDED_POOL = "threads"
 RECOMMENDED_CONCURRENCY = 128
 RECOMMENDED_PREFETCH = 2
 RECOMMENDED_PROCESSES = 1
+#: The batch Deployment (ops/base/worker-batch-deployment.yaml, ``-Q totango.batch``): few
+#: batch messages at once and reserved (8 x 100 events), ``TOTANGO_BATCH_SENDERS`` (128)
+#: calls in flight.
+RECOMMENDED_BATCH = "threads:8:1"
 
 #: Celery settings the bench applies on top of worker/app.py (through bench.tuned_app), to
 #: measure a proposed change before worker/app.py has it; ``--as-configured`` runs
@@ -249,7 +255,7 @@ def run_ours(
         lambda: load.queue_length(url, QUEUE) >= n, run.deadline.budget("publish"), "backlog"
     )
     emulator.reset()
-    worker = _start_ours(run, envs, config, f"ours-{tag}-{kind}")
+    worker = _start_ours(run, envs, config, f"ours-{tag}-{kind}", QUEUE)
     result: dict[str, Any] = {}
     try:
         load.wait_for(
@@ -311,7 +317,7 @@ def run_batch(run: Run, kind: str, url: str, config: Config) -> dict[str, Any]:
     # they start goes to whichever process connects first (prefetch holds them all), so
     # with several processes one would do the work and the others wait. Pods that are
     # already running when the traffic comes, as in production, share it.
-    worker = _start_ours(run, envs, config, f"batch-{tag}-{kind}")
+    worker = _start_ours(run, envs, config, f"batch-{tag}-{kind}", BATCH_QUEUE)
     try:
         load.wait_for(worker.ready, run.deadline.budget("workers ready"), "ready", worker)
         producer.send_batch(prepared)
@@ -350,11 +356,14 @@ def _gateway_calls(run: Run, tag: str, n: int, worker: Worker) -> list[dict[str,
     return load.phase_calls(run.emulator.calls(), tag)
 
 
-def _start_ours(run: Run, envs: list[dict[str, str]], config: Config, name: str) -> Worker:
-    # The production command (Dockerfile CMD, ops/base/worker-deployment.yaml); a sweep with
-    # Celery overrides goes through bench.tuned_app, which builds the same app and updates it.
+def _start_ours(
+    run: Run, envs: list[dict[str, str]], config: Config, name: str, queue: str
+) -> Worker:
+    # The production command (ops/base/worker-deployment.yaml, worker-batch-deployment.yaml);
+    # a sweep with Celery overrides goes through bench.tuned_app, which builds the same app
+    # and updates it.
     app = "bench.tuned_app" if config.conf else "worker.app"
-    return run.start(app, envs, [f"--loglevel={config.loglevel}"], name)
+    return run.start(app, envs, [f"--loglevel={config.loglevel}", "-Q", queue], name)
 
 
 def _worker_envs(
@@ -417,7 +426,7 @@ def _phase(run: Run, name: str, results: dict[str, Any], fn: Any, *args: Any) ->
 PHASES = ("noop", "naive", "ours", "batch")
 
 
-def bench_broker(run: Run, kind: str, config: Config) -> dict[str, Any]:
+def bench_broker(run: Run, kind: str, config: Config, batch: Config) -> dict[str, Any]:
     """Every phase ``--rounds`` times, interleaved, on one isolated broker. Each phase keeps
     its best round: noise from other load on the machine only ever slows a phase down, and
     every phase gets the same number of tries."""
@@ -437,7 +446,7 @@ def bench_broker(run: Run, kind: str, config: Config) -> dict[str, Any]:
                     fn = run_ours if number == 0 else _ours_only
                     _phase(run, phase, results, fn, kind, url, config)
                 else:
-                    _phase(run, phase, results, run_batch, kind, url, config)
+                    _phase(run, phase, results, run_batch, kind, url, batch)
                 tries[phase].append(results[phase])
     summary = summarize({phase: _best(found) for phase, found in tries.items()})
     summary["rounds"] = {p: [t.get("events_per_s") for t in found] for p, found in tries.items()}
@@ -601,7 +610,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--naive-concurrency", type=int, default=32, help="naive relay threads (32)")
     add("--brokers", default="redis,rabbitmq", help="comma-separated: redis, rabbitmq")
     add("--config", default=f"{RECOMMENDED_POOL}:{RECOMMENDED_CONCURRENCY}:{RECOMMENDED_PREFETCH}",
-        help="the worker's pool:concurrency:prefetch")  # fmt: skip
+        help="the worker's pool:concurrency:prefetch[:processes[:loglevel]]")  # fmt: skip
+    add("--batch-config", default=RECOMMENDED_BATCH,
+        help=f"the batch worker's settings, the same way ({RECOMMENDED_BATCH})")  # fmt: skip
     add("--phases", default=",".join(PHASES), help="a subset of noop,naive,ours,batch")
     add("--sweep", default="", help="compare settings instead, e.g. threads:32:2,threads:64:2")
     add("--conf", action="append", default=[], help="a Celery override KEY=JSON (sweep)")
@@ -656,7 +667,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"sweep": swept, "delay_ms": args.delay_ms, "events": args.events}))
             return 0
         config = Config.parse(args.config, conf)
-        results = {kind: bench_broker(run, kind, config) for kind in kinds}
+        batch = Config.parse(args.batch_config, conf)
+        results = {kind: bench_broker(run, kind, config, batch) for kind in kinds}
     report = {
         "bench": "totango-worker",
         "delay_ms": args.delay_ms,
@@ -664,12 +676,16 @@ def main(argv: list[str] | None = None) -> int:
         "batch_events": args.batch_events,
         "cores": os.cpu_count(),
         "ours": asdict(config) | {"label": config.label},
+        "batch": asdict(batch) | {"label": batch.label},
         "naive": f"threads c={args.naive_concurrency}, one requests.get per task",
         "noop": "prefork c=2, acks_late",
         "seconds": round(time.monotonic() - started),
         "results": results,
     }
-    print(f"\ngateway {args.delay_ms:g} ms, {args.events} events per phase, ours = {config.label}")
+    print(
+        f"\ngateway {args.delay_ms:g} ms, {args.events} events per phase, "
+        f"ours = {config.label}, batch = {batch.label}"
+    )
     print(table(results))
     print()
     print(cpu_table(results))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from worker.topology import task_queue
+from worker.topology import BATCH_QUEUE, QUEUE, batch_queue, task_queue
 
 if TYPE_CHECKING:
     from worker.app import TotangoCelery
@@ -77,13 +77,15 @@ def broker(kind: str) -> Iterator[str]:
             yield url
 
 
-def main_queue_length(app: TotangoCelery) -> int:
-    """How many messages wait on the ``totango`` queue, as the broker counts them (the
-    declaration repeats the worker's own, so it changes nothing)."""
+def queue_length(app: TotangoCelery, name: str = QUEUE) -> int:
+    """How many messages wait ready on ``totango`` or ``totango.batch``, as the broker counts
+    them (reserved ones not included; the declaration repeats the worker's own, so it
+    changes nothing)."""
+    declare = {QUEUE: task_queue, BATCH_QUEUE: batch_queue}[name]
     with app.connection_for_write() as connection:
         channel: Any = connection.channel()
         try:
-            queue = task_queue(app.settings.broker_kind)(channel)
+            queue = declare(app.settings.broker_kind)(channel)
             return int(queue.queue_declare().message_count)
         finally:
             channel.close()

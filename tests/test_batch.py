@@ -17,13 +17,14 @@ from typing import Any
 
 import pytest
 
-from tests.brokers import main_queue_length
-from tests.workers import wait_until
+from tests.brokers import queue_length
+from tests.workers import running_worker, wait_until
 from worker.app import TotangoCelery
 from worker.client import Producer
 from worker.deadletter import browse
 from worker.emulator import Call, GatewayEmulator
 from worker.events import MAX_BATCH_EVENTS, TRACK_ACTIVITY, TRACK_BATCH
+from worker.topology import BATCH_QUEUE, QUEUE
 
 pytestmark = pytest.mark.integration
 
@@ -159,8 +160,9 @@ def test_the_producer_chunks_250_events_into_3_messages(
     worker_log: Path,
 ) -> None:
     """``Producer.send_batch`` validates each event, returns every event id in order, and
-    puts 250 events in 3 messages (100, 100, 50) on the queue, as seen on the broker before
-    any worker runs; a worker then delivers each of the 250 exactly once."""
+    puts 250 events in 3 messages (100, 100, 50) on the ``totango.batch`` queue and none on
+    ``totango``, as seen on the broker before any worker runs; a worker then delivers each
+    of the 250 exactly once."""
     producer = Producer(app=app)
     run = uuid.uuid4().hex[:8]
     users = [f"p{n}-{run}" for n in range(250)]
@@ -170,7 +172,8 @@ def test_the_producer_chunks_250_events_into_3_messages(
 
     assert ids == [p.event_id for p in prepared]
     assert len(set(ids)) == 250
-    assert main_queue_length(app) == 3
+    assert queue_length(app, BATCH_QUEUE) == 3
+    assert queue_length(app) == 0
     with start_worker(env):
         wait_until(
             lambda: len(gateway.delivered()) >= 250, OUTCOME_TIMEOUT, "250 deliveries", worker_log
@@ -178,3 +181,112 @@ def test_the_producer_chunks_250_events_into_3_messages(
         time.sleep(SETTLE_SECONDS)
     assert sorted(user_of(call) for call in gateway.calls()) == sorted(users)
     assert browse(app, timeout=0) == []
+
+
+def test_each_deployment_consumes_only_its_own_queue(
+    app: TotangoCelery,
+    env: Env,
+    start_worker: StartWorker,
+    gateway: GatewayEmulator,
+    worker_log: Path,
+) -> None:
+    """Production runs ``-Q totango`` and ``-Q totango.batch`` as two Deployments: a worker
+    started with ``-Q totango`` delivers single events and leaves a batch on its queue; a
+    worker started with ``-Q totango.batch`` then delivers the batch, and nothing else."""
+    producer = Producer(app=app)
+    run = uuid.uuid4().hex[:8]
+    batched = [producer.prepare(TRACK_ACTIVITY, **activity(f"b{n}-{run}")) for n in range(3)]
+    producer.send_batch(batched)
+    single = producer.track_activity(**activity(f"single-{run}"))
+
+    with start_worker(env, "-Q", QUEUE):
+        wait_until(lambda: len(gateway.delivered()) >= 1, OUTCOME_TIMEOUT, "single", worker_log)
+        time.sleep(SETTLE_SECONDS)  # a batch taken by mistake would be sent by now
+        assert [user_of(call) for call in gateway.calls()] == [f"single-{run}"]
+        assert queue_length(app, BATCH_QUEUE) == 1
+    assert single
+
+    with start_worker(env, "-Q", BATCH_QUEUE):
+        wait_until(lambda: len(gateway.delivered()) >= 4, OUTCOME_TIMEOUT, "batch", worker_log)
+        time.sleep(SETTLE_SECONDS)
+    assert sorted(user_of(call) for call in gateway.calls()) == sorted(
+        [f"single-{run}", *(f"b{n}-{run}" for n in range(3))]
+    )
+    assert queue_length(app, BATCH_QUEUE) == 0
+
+
+def test_a_single_event_worker_on_a_fresh_broker_creates_the_batch_queue_and_retries(
+    app: TotangoCelery,
+    env: Env,
+    start_worker: StartWorker,
+    gateway: GatewayEmulator,
+    worker_log: Path,
+) -> None:
+    """The first worker on a fresh broker is a ``-Q totango`` one. It still declares
+    ``totango.batch`` (a batch published without declaring waits there instead of being
+    dropped), and it declares it before Celery's delayed delivery binds every queue: on
+    RabbitMQ a missing queue made that step fail and turn delayed delivery off, so a retry
+    countdown had nowhere to go. Here a 503 is retried after its countdown and delivered."""
+    run = uuid.uuid4().hex[:8]
+    gateway.add_rule({"sdr_u": f"retried-{run}"}, [503])
+    with start_worker(env, "-Q", QUEUE):
+        app.send_task(TRACK_ACTIVITY, kwargs=activity(f"retried-{run}"), declare=[])
+        batch = {"events": [{"task": TRACK_ACTIVITY, "kwargs": activity(f"waits-{run}")}]}
+        app.send_task(TRACK_BATCH, kwargs=batch, queue=BATCH_QUEUE, declare=[])
+        wait_until(lambda: len(gateway.delivered()) >= 1, OUTCOME_TIMEOUT, "the retry", worker_log)
+        time.sleep(SETTLE_SECONDS)
+        assert [call.status for call in gateway.calls()] == [503, 200]
+        assert queue_length(app, BATCH_QUEUE) == 1
+    assert "delayed delivery will not be available" not in worker_log.read_text().lower()
+    assert "failed to bind" not in worker_log.read_text().lower()
+
+
+def _delivered_by(log: Path) -> int:
+    """Events a worker's batches delivered, from its ``batch ... delivered=N`` log lines."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return sum(int(part.split("=")[1]) for part in text.split() if part.startswith("delivered="))
+
+
+def test_a_batch_worker_reserves_only_its_slots_so_a_new_worker_shares_the_backlog(
+    app: TotangoCelery,
+    env_for: Callable[..., Env],
+    gateway: GatewayEmulator,
+    tmp_path: Path,
+) -> None:
+    """A batch worker with 2 slots and prefetch multiplier 1 (the batch Deployment's
+    settings, scaled down) holds at most 2 batch messages: with 6 slow batches queued, 4
+    stay ready on the broker while it works. A second worker started meanwhile (a KEDA
+    scale-out) therefore finds batches to take, and both deliver some; every event is
+    delivered exactly once. With a prefetch sized for single events, the first worker
+    would reserve every batch and the second would idle."""
+    gateway.set_delay(2.0)  # each batch's 2 events go out one after the other: ~4 s a batch
+    settings = {
+        "TOTANGO_CONCURRENCY": "2",
+        "TOTANGO_PREFETCH_MULTIPLIER": "1",
+        "TOTANGO_BATCH_SENDERS": "2",
+        "TOTANGO_READ_TIMEOUT": "5",
+    }
+    producer = Producer(app=app)
+    run = uuid.uuid4().hex[:8]
+    users = [f"s{n}-{run}" for n in range(12)]
+    for pair in range(6):
+        two = users[2 * pair : 2 * pair + 2]
+        producer.send_batch([producer.prepare(TRACK_ACTIVITY, **activity(u)) for u in two])
+    assert queue_length(app, BATCH_QUEUE) == 6
+
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first_env = env_for(TOTANGO_HEARTBEAT_FILE=str(tmp_path / "first.hb"), **settings)
+    second_env = env_for(TOTANGO_HEARTBEAT_FILE=str(tmp_path / "second.hb"), **settings)
+    with running_worker(first_env, first_log, ("-Q", BATCH_QUEUE)):
+        wait_until(lambda: queue_length(app, BATCH_QUEUE) <= 4, 10.0, "first takes", first_log)
+        time.sleep(1.0)  # it must not reserve more while its two batches are in flight
+        assert queue_length(app, BATCH_QUEUE) == 4
+        with running_worker(second_env, second_log, ("-Q", BATCH_QUEUE)):
+            wait_until(
+                lambda: len(gateway.delivered()) >= 12, 3 * OUTCOME_TIMEOUT, "all", second_log
+            )
+            time.sleep(SETTLE_SECONDS)
+    assert sorted(user_of(call) for call in gateway.calls()) == sorted(users)
+    assert _delivered_by(first_log) > 0
+    assert _delivered_by(second_log) > 0
+    assert _delivered_by(first_log) + _delivered_by(second_log) == 12

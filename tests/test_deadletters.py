@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.brokers import main_queue_length
+from tests.brokers import queue_length
 from worker.app import TotangoCelery
 from worker.deadletter import HOSTNAME, browse, publish, replay
 from worker.emulator import GatewayEmulator
@@ -224,7 +224,7 @@ def test_replay_killed_mid_way_loses_nothing(
         )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and proc.poll() is None:
-        if main_queue_length(app) >= 1:
+        if queue_length(app) >= 1:
             break
         time.sleep(0.005)
     if proc.poll() is None:

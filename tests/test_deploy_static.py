@@ -8,7 +8,9 @@ tests/schemas/. The rest reads the YAML and checks what the worker's behaviour r
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import itertools
 import json
 import re
 import shlex
@@ -71,6 +73,15 @@ ALERTS = {
 WORKER_JOB = "totango-worker"
 HEALTH = ["python", "-m", "worker", "health"]
 
+#: The two worker Deployments (ops/base): single events, and batch messages.
+WORKER = "totango-worker"
+BATCH_WORKER = "totango-worker-batch"
+WORKER_DEPLOYMENTS = (WORKER, BATCH_WORKER)
+#: The ConfigMap keys the batch Deployment overrides in its own env.
+BATCH_OVERRIDES = {"TOTANGO_CONCURRENCY", "TOTANGO_PREFETCH_MULTIPLIER", "TOTANGO_BATCH_SENDERS"}
+#: Most events one batch worker pod may hold reserved (running + prefetched messages).
+MAX_RESERVED_BATCH_EVENTS = 1000
+
 
 # --- helpers ------------------------------------------------------------------------------
 
@@ -126,8 +137,49 @@ def config_map() -> dict[str, str]:
     return data
 
 
-def worker_deployment() -> dict[str, Any]:
-    return one("Deployment", "totango-worker", OPS / "base")
+def worker_deployment(name: str = WORKER) -> dict[str, Any]:
+    return one("Deployment", name, OPS / "base")
+
+
+def worker_deployments() -> list[dict[str, Any]]:
+    """Both worker Deployments: `totango-worker` (single events), `totango-worker-batch`."""
+    return [worker_deployment(name) for name in WORKER_DEPLOYMENTS]
+
+
+def pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """Whether a matchLabels (or Service) selector selects pods with these labels."""
+    return selector.items() <= labels.items()
+
+
+def literal_env(deployment: dict[str, Any]) -> dict[str, str]:
+    """The container's `env` entries with a literal value (secret references left out)."""
+    return {e["name"]: e["value"] for e in container(deployment)["env"] if "value" in e}
+
+
+def pod_env(deployment: dict[str, Any], overlay: str | None = None) -> dict[str, str]:
+    """What the worker process sees from the manifests: the base ConfigMap, the overlay's
+    patch, then the container's literal `env` (which wins over `envFrom`)."""
+    env = dict(config_map())
+    if overlay is not None:
+        env.update(one("ConfigMap", under=OPS / "overlays" / overlay)["data"])
+    env.update(literal_env(deployment))
+    return env
+
+
+def consumed_queues(args: list[str]) -> set[str]:
+    """The queues a `celery worker` command line consumes (-Q / --queues); empty = all."""
+    queues: set[str] = set()
+    for index, arg in enumerate(args):
+        if arg in {"-Q", "--queues"}:
+            queues.update(args[index + 1].split(","))
+        elif arg.startswith("--queues="):
+            queues.update(arg.removeprefix("--queues=").split(","))
+    return queues
 
 
 def flower_deployment() -> dict[str, Any]:
@@ -471,8 +523,9 @@ def test_custom_resources_match_their_schemas() -> None:
 def test_kustomizations_list_existing_files_and_never_the_example_secret() -> None:
     """Each kustomization.yaml lists only paths that exist (kustomize is not installed, so
     this stands in for `kustomize build`), every base resource file is listed, each overlay
-    builds on the base and adds its KEDA objects and ConfigMap patch, and the example Secret
-    is never deployed."""
+    builds on the base and lists every file of its directory (its KEDA objects, both
+    ScaledObjects included, and its ConfigMap patch), and the example Secret is never
+    deployed."""
     kustomizations = sorted(OPS.rglob("kustomization.yaml"))
     assert {p.parent for p in kustomizations} == {
         OPS / "base",
@@ -493,6 +546,9 @@ def test_kustomizations_list_existing_files_and_never_the_example_secret() -> No
             assert files - listed == {EXAMPLE_SECRET.resolve()}
         else:
             assert "../../base" in doc["resources"]
+            listed = {(path.parent / entry).resolve() for entry in entries}
+            files = {p.resolve() for p in path.parent.glob("*.yaml")} - {path.resolve()}
+            assert files == listed - {(OPS / "base").resolve()}, path.parent.name
             patched = [load_all(path.parent / p["path"])[0] for p in doc["patches"]]
             assert [(p["kind"], p["metadata"]["name"]) for p in patched] == [
                 ("ConfigMap", "totango-worker-config")
@@ -502,34 +558,42 @@ def test_kustomizations_list_existing_files_and_never_the_example_secret() -> No
 # --- Kubernetes: behaviour ------------------------------------------------------------------
 
 
-def test_grace_period_covers_the_longest_call_and_soft_shutdown() -> None:
-    """terminationGracePeriodSeconds (60) is longer than the longest in-flight gateway call
-    (connect + read timeout) plus the soft shutdown timeout, taken from the ConfigMap, so
-    SIGKILL does not cut a graceful shutdown short."""
-    data = config_map()
+@pytest.mark.parametrize("name", WORKER_DEPLOYMENTS)
+def test_grace_period_covers_the_longest_call_and_soft_shutdown(name: str) -> None:
+    """In each worker Deployment, terminationGracePeriodSeconds (60) is longer than the
+    longest in-flight gateway call (connect + read timeout) plus the soft shutdown timeout,
+    as that Deployment's pods see them (ConfigMap, then the container's own env), so SIGKILL
+    does not cut a graceful shutdown short."""
+    deployment = worker_deployment(name)
+    env = pod_env(deployment)
     needed = (
-        float(data["TOTANGO_CONNECT_TIMEOUT"])
-        + float(data["TOTANGO_READ_TIMEOUT"])
-        + float(data["TOTANGO_SOFT_SHUTDOWN_TIMEOUT"])
+        float(env["TOTANGO_CONNECT_TIMEOUT"])
+        + float(env["TOTANGO_READ_TIMEOUT"])
+        + float(env["TOTANGO_SOFT_SHUTDOWN_TIMEOUT"])
     )
-    grace = worker_deployment()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace == 60
     assert grace > needed
 
 
-def test_worker_probes_are_cheap_exec_health_checks() -> None:
-    """Startup/liveness probes run `python -m worker health` and readiness adds `--ready`:
-    exec probes only (a stat of the heartbeat file), never `celery inspect ping`; nothing in
-    ops/ or docker/ calls inspect ping."""
-    worker = container(worker_deployment())
+@pytest.mark.parametrize("name", WORKER_DEPLOYMENTS)
+def test_worker_probes_are_cheap_exec_health_checks(name: str) -> None:
+    """In each worker Deployment, startup/liveness probes run `python -m worker health` and
+    readiness adds `--ready`: exec probes only (a stat of the heartbeat file), never
+    `celery inspect ping`."""
+    worker = container(worker_deployment(name))
     for probe in ("startupProbe", "livenessProbe"):
         assert set(worker[probe]) & {"exec", "httpGet", "tcpSocket", "grpc"} == {"exec"}
         assert worker[probe]["exec"]["command"] == HEALTH
     assert worker["readinessProbe"]["exec"]["command"] == [*HEALTH, "--ready"]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert worker[probe]["timeoutSeconds"] >= 2
-    # Values only (comments may say what not to do): Dockerfile instructions, YAML strings
-    # and exec-form command lists.
+
+
+def test_nothing_calls_inspect_ping() -> None:
+    """No command in ops/ or docker/ runs `celery inspect ping` (a broadcast every worker
+    must answer, failing whenever the broker is slow). Values only (comments may say what
+    not to do): Dockerfile instructions, YAML strings and exec-form command lists."""
     commands = [args for _, args in dockerfile_instructions()]
     for path in [*OPS.rglob("*.yaml"), *DOCKER.glob("*.y*ml")]:
         for node in walk(load_all(path)):
@@ -537,18 +601,20 @@ def test_worker_probes_are_cheap_exec_health_checks() -> None:
                 commands.append(node)
             elif isinstance(node, list) and all(isinstance(word, str) for word in node):
                 commands.append(" ".join(node))
+    assert any(word == HEALTH[-1] for command in commands for word in command.split())
     offenders = [command for command in commands if re.search(r"inspect\s+ping", command)]
     assert not offenders
 
 
 def test_pods_are_locked_down() -> None:
-    """Worker and Flower pods run as non-root with a read-only root filesystem, no privilege
-    escalation, all capabilities dropped, RuntimeDefault seccomp, no service account token
-    and no Service environment variables; /tmp (heartbeat) and the prometheus multiprocess
-    directory are emptyDirs, and the worker has requests and limits."""
+    """Both worker Deployments' and Flower's pods run as non-root with a read-only root
+    filesystem, no privilege escalation, all capabilities dropped, RuntimeDefault seccomp,
+    no service account token and no Service environment variables; /tmp (heartbeat) and
+    the prometheus multiprocess directory are emptyDirs; each worker has requests and
+    limits and leaves the replica count to KEDA."""
     heartbeat = Path(config_map()["TOTANGO_HEARTBEAT_FILE"])
     tmp = heartbeat.parent
-    for deployment in (worker_deployment(), flower_deployment()):
+    for deployment in (*worker_deployments(), flower_deployment()):
         pod = deployment["spec"]["template"]["spec"]
         ctr = container(deployment)
         assert pod["securityContext"]["runAsNonRoot"] is True
@@ -567,71 +633,188 @@ def test_pods_are_locked_down() -> None:
         assert str(tmp) in mounts
         assert ctr["image"].startswith("totango-worker:")
 
-    worker = container(worker_deployment())
-    env = {e["name"]: e for e in worker["env"]}
-    multiproc = env["PROMETHEUS_MULTIPROC_DIR"]["value"]
-    assert multiproc in {m["mountPath"] for m in worker["volumeMounts"]}
-    assert str(tmp) in {m["mountPath"] for m in worker["volumeMounts"]}
-    resources = worker["resources"]
-    assert resources["requests"] == {"cpu": "250m", "memory": "256Mi"}
-    assert resources["limits"] == {"cpu": "1", "memory": "512Mi"}
-    assert "replicas" not in worker_deployment()["spec"], "KEDA owns the replica count"
+    for deployment in worker_deployments():
+        worker = container(deployment)
+        name = deployment["metadata"]["name"]
+        multiproc = literal_env(deployment)["PROMETHEUS_MULTIPROC_DIR"]
+        assert multiproc in {m["mountPath"] for m in worker["volumeMounts"]}, name
+        assert str(tmp) in {m["mountPath"] for m in worker["volumeMounts"]}, name
+        resources = worker["resources"]
+        assert resources["requests"] == {"cpu": "250m", "memory": "256Mi"}, name
+        assert resources["limits"] == {"cpu": "1", "memory": "512Mi"}, name
+        assert "replicas" not in deployment["spec"], f"{name}: KEDA owns the replica count"
 
-    pdb = one("PodDisruptionBudget", "totango-worker")
-    assert pdb["spec"]["maxUnavailable"] == 1
-    labels = worker_deployment()["spec"]["template"]["metadata"]["labels"]
-    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+def test_batch_worker_deployment_is_a_copy_of_the_worker() -> None:
+    """`totango-worker-batch` is `totango-worker` (same image, probes, security context,
+    volumes, grace period, secrets, resources, strategy) except for its component label
+    (hence its selectors), its `-Q` queue and exactly the env overrides TOTANGO_CONCURRENCY,
+    TOTANGO_PREFETCH_MULTIPLIER and TOTANGO_BATCH_SENDERS, which only it sets."""
+    worker, batch = worker_deployments()
+    component = "app.kubernetes.io/component"
+    assert pod_labels(worker)[component] == "worker"
+    assert pod_labels(batch)[component] == "batch-worker"
+
+    def without_component(labels: dict[str, str]) -> dict[str, str]:
+        return {key: value for key, value in labels.items() if key != component}
+
+    for path in (("metadata", "labels"), ("spec", "template", "metadata", "labels")):
+        first, second = worker, batch
+        for key in path:
+            first, second = first[key], second[key]
+        assert without_component(first) == without_component(second), path
+
+    assert set(literal_env(batch)) - set(literal_env(worker)) == BATCH_OVERRIDES
+    assert not BATCH_OVERRIDES & set(literal_env(worker))
+
+    def normalised(deployment: dict[str, Any]) -> dict[str, Any]:
+        spec: dict[str, Any] = copy.deepcopy(deployment["spec"])
+        del spec["selector"]
+        pod = spec["template"]
+        del pod["metadata"]["labels"]
+        for constraint in pod["spec"]["topologySpreadConstraints"]:
+            del constraint["labelSelector"]
+        (ctr,) = pod["spec"]["containers"]
+        at = ctr["args"].index("-Q")
+        del ctr["args"][at : at + 2]  # the queue, compared in the next test
+        ctr["env"] = [e for e in ctr["env"] if e["name"] not in BATCH_OVERRIDES]
+        return spec
+
+    assert normalised(batch) == normalised(worker)
+
+
+def test_worker_deployments_split_the_queues_without_overlap() -> None:
+    """`totango-worker` consumes only worker.topology.QUEUE (`totango`) and
+    `totango-worker-batch` only BATCH_QUEUE (`totango.batch`); each Deployment's selector
+    and topology spread select its own pods and neither the other's nor Flower's (so the
+    selectors cannot overlap); and a batch pod holds at most 1,000 events reserved:
+    TOTANGO_PREFETCH_MULTIPLIER=1 and concurrency x prefetch x MAX_BATCH_EVENTS <= 1,000,
+    as worker/settings.py reads the pod's environment."""
+    from worker.events import MAX_BATCH_EVENTS  # noqa: PLC0415  only these tests need it
+    from worker.settings import Settings  # noqa: PLC0415
+    from worker.topology import BATCH_QUEUE, QUEUE  # noqa: PLC0415
+
+    assert (QUEUE, BATCH_QUEUE) == ("totango", "totango.batch")
+    expected = {WORKER: {QUEUE}, BATCH_WORKER: {BATCH_QUEUE}}
+    for deployment in worker_deployments():
+        name = deployment["metadata"]["name"]
+        args = container(deployment)["args"]
+        assert args[:4] == ["celery", "-A", "worker.app", "worker"], name
+        assert consumed_queues(args) == expected[name], name
+
+    flower = pod_labels(flower_deployment())
+    for own, other in itertools.permutations(worker_deployments()):
+        selector = own["spec"]["selector"]
+        assert set(selector) == {"matchLabels"}, "matchLabels only: compared below"
+        labels = selector["matchLabels"]
+        assert selects(labels, pod_labels(own))
+        assert not selects(labels, pod_labels(other))
+        assert not selects(labels, flower)
+        # No pod can match both: some key has a different value in the two selectors.
+        others = other["spec"]["selector"]["matchLabels"]
+        assert any(labels[key] != others[key] for key in labels.keys() & others.keys())
+        for constraint in own["spec"]["template"]["spec"]["topologySpreadConstraints"]:
+            spread = constraint["labelSelector"]["matchLabels"]
+            assert selects(spread, pod_labels(own))
+            assert not selects(spread, pod_labels(other))
+
+    batch = worker_deployment(BATCH_WORKER)
+    assert literal_env(batch)["TOTANGO_PREFETCH_MULTIPLIER"] == "1"
+    settings = Settings.from_env(pod_env(batch))
+    assert settings.prefetch_multiplier == 1
+    reserved = settings.concurrency * settings.prefetch_multiplier * MAX_BATCH_EVENTS
+    assert reserved <= MAX_RESERVED_BATCH_EVENTS
 
 
 def test_metrics_are_exposed_and_scraped_as_job_totango_worker() -> None:
-    """The worker's container port `metrics` (9808, = TOTANGO_METRICS_PORT) is behind a
-    ClusterIP Service whose labels the ServiceMonitor selects; the ServiceMonitor scrapes
-    that port name and takes job="totango-worker" from the Service label, as the alerts
-    and docker/prometheus.yml expect."""
-    worker = container(worker_deployment())
-    ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
-    assert ports["metrics"] == int(config_map()["TOTANGO_METRICS_PORT"]) == 9808
+    """Each worker Deployment's container port `metrics` (9808, = TOTANGO_METRICS_PORT) is
+    behind one ClusterIP Service that selects the pods of both worker Deployments and not
+    Flower's; the ServiceMonitor selects that Service, scrapes that port name, takes
+    job="totango-worker" from the Service label, as the alerts and docker/prometheus.yml
+    expect, and copies the pods' component label (which the alerts use)."""
     service = one("Service", "totango-worker-metrics")
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
     assert [p["targetPort"] for p in service["spec"]["ports"]] == ["metrics"]
-    pod_labels = worker_deployment()["spec"]["template"]["metadata"]["labels"]
-    assert service["spec"]["selector"].items() <= pod_labels.items()
+    selector = service["spec"]["selector"]
+    for deployment in worker_deployments():
+        ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+        assert ports["metrics"] == int(config_map()["TOTANGO_METRICS_PORT"]) == 9808
+        assert selects(selector, pod_labels(deployment)), deployment["metadata"]["name"]
+    assert not selects(selector, pod_labels(flower_deployment()))
 
     monitor = one("ServiceMonitor")
-    assert (
-        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    )
+    assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
     assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == WORKER_JOB
+    assert monitor["spec"]["podTargetLabels"] == ["app.kubernetes.io/component"]
 
 
-def test_every_overlay_scales_the_worker_on_the_totango_queue() -> None:
-    """Each overlay has one KEDA ScaledObject targeting the worker Deployment, scaling on the
-    length of `totango` (RabbitMQ queueName in QueueLength mode / Redis listName), with
-    credentials from a TriggerAuthentication of the same overlay; both keep at least one
-    replica (on Redis, pending retries sit in the unacked hash that KEDA cannot see)."""
+def test_each_worker_deployment_has_its_own_disruption_budget() -> None:
+    """Each worker Deployment has exactly one PodDisruptionBudget (maxUnavailable 1, named
+    after it) that selects its pods, and that budget selects neither the other worker
+    Deployment's pods nor Flower's."""
+    budgets = find("PodDisruptionBudget")
+    flower = pod_labels(flower_deployment())
+    for own, other in itertools.permutations(worker_deployments()):
+        name = own["metadata"]["name"]
+        mine = [
+            b for b in budgets if selects(b["spec"]["selector"]["matchLabels"], pod_labels(own))
+        ]
+        assert len(mine) == 1, f"{name}: {len(mine)} budgets"
+        (budget,) = mine
+        assert budget["metadata"]["name"] == name
+        assert budget["spec"]["maxUnavailable"] == 1
+        assert not selects(budget["spec"]["selector"]["matchLabels"], pod_labels(other))
+        assert not selects(budget["spec"]["selector"]["matchLabels"], flower)
+    assert len(budgets) == len(WORKER_DEPLOYMENTS)
+
+
+def test_every_overlay_scales_each_worker_on_its_own_queue() -> None:
+    """Each overlay has exactly two KEDA ScaledObjects, named after their targets:
+    `totango-worker` scaled on the length of `totango` and `totango-worker-batch` on
+    `totango.batch` (RabbitMQ queueName in QueueLength mode / Redis listName), both with
+    credentials from the same TriggerAuthentication of that overlay and the same slow
+    scale-down. The single-event worker keeps at least one replica (on Redis, pending
+    retries sit in the unacked hash that KEDA cannot see, and failed batch events are
+    retried there); the batch worker scales from zero, with a 300 s cooldown."""
+    from worker.topology import BATCH_QUEUE, QUEUE  # noqa: PLC0415  only these tests need it
+
+    queues = {WORKER: QUEUE, BATCH_WORKER: BATCH_QUEUE}
     for overlay in OVERLAYS:
         under = OPS / "overlays" / overlay
-        scaled = one("ScaledObject", under=under)
-        spec = scaled["spec"]
-        assert spec["scaleTargetRef"]["name"] == worker_deployment()["metadata"]["name"]
-        assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
-        assert spec["minReplicaCount"] >= 1
-        assert spec["maxReplicaCount"] > spec["minReplicaCount"]
-        (trigger,) = spec["triggers"]
-        assert trigger["type"] == overlay
-        metadata = trigger["metadata"]
-        if overlay == "rabbitmq":
-            assert metadata["queueName"] == "totango"
-            assert metadata["mode"] == "QueueLength"
-            assert int(metadata["value"]) > 0
-        else:
-            assert metadata["listName"] == "totango"
-            assert int(metadata["listLength"]) > 0
-        auth = one("TriggerAuthentication", trigger["authenticationRef"]["name"], under)
-        assert auth["spec"]["secretTargetRef"]
-    redis = one("ScaledObject", under=OPS / "overlays" / "redis")
-    assert redis["spec"]["minReplicaCount"] >= 1
+        scaled = find("ScaledObject", under=under)
+        by_target = {s["spec"]["scaleTargetRef"]["name"]: s for s in scaled}
+        assert len(scaled) == len(by_target) == 2, overlay
+        assert set(by_target) == set(queues), overlay
+        auths = set()
+        behaviours = []
+        for target, obj in by_target.items():
+            spec = obj["spec"]
+            assert obj["metadata"]["name"] == target
+            assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+            worker_deployment(target)  # exactly one Deployment of that name in ops/base
+            assert spec["maxReplicaCount"] > spec["minReplicaCount"]
+            (trigger,) = spec["triggers"]
+            assert trigger["type"] == overlay
+            metadata = trigger["metadata"]
+            if overlay == "rabbitmq":
+                assert metadata["queueName"] == queues[target]
+                assert metadata["mode"] == "QueueLength"
+                assert int(metadata["value"]) > 0
+            else:
+                assert metadata["listName"] == queues[target]
+                assert int(metadata["listLength"]) > 0
+            auth = one("TriggerAuthentication", trigger["authenticationRef"]["name"], under)
+            assert auth["spec"]["secretTargetRef"]
+            auths.add(auth["metadata"]["name"])
+            behaviours.append(spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"])
+        assert len(auths) == 1, overlay
+        assert behaviours[0] == behaviours[1], overlay
+        assert by_target[WORKER]["spec"]["minReplicaCount"] >= 1
+        batch = by_target[BATCH_WORKER]["spec"]
+        assert batch["minReplicaCount"] == 0
+        assert batch["maxReplicaCount"] == 10
+        assert batch["cooldownPeriod"] == 300
 
 
 def test_flower_is_cluster_internal_read_only_and_authenticated() -> None:
@@ -662,8 +845,10 @@ def test_flower_is_cluster_internal_read_only_and_authenticated() -> None:
 
 def test_prometheus_rule_has_the_four_alerts_on_real_metrics() -> None:
     """The PrometheusRule defines the four alerts (dead letters growing, retry rate high,
-    oldest message too old, no worker up) with the agreed expressions; every totango_*
-    series named exists in the worker, and parentheses balance."""
+    oldest message too old, no worker up) with the agreed expressions; "no worker up" counts
+    only the single-event Deployment's pods (by the component label the ServiceMonitor
+    copies from the pod), since batch pods share the job but do not consume `totango`;
+    every totango_* series named exists in the worker, and parentheses balance."""
     rule = one("PrometheusRule")
     rules = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
     assert set(rules) == ALERTS
@@ -682,7 +867,13 @@ def test_prometheus_rule_has_the_four_alerts_on_real_metrics() -> None:
     assert oldest.startswith("histogram_quantile(0.99,")
     assert "rate(totango_queue_wait_seconds_bucket[5m])" in oldest
     assert oldest.endswith("> 300")
-    assert expr("TotangoNoWorkerUp") == f'absent(up{{job="{WORKER_JOB}"}} == 1)'
+    (copied,) = one("ServiceMonitor")["spec"]["podTargetLabels"]
+    label = re.sub(r"[^a-zA-Z0-9_]", "_", copied)  # as the Prometheus Operator names it
+    component = pod_labels(worker_deployment(WORKER))[copied]
+    assert component != pod_labels(worker_deployment(BATCH_WORKER))[copied]
+    assert expr("TotangoNoWorkerUp") == (
+        f'absent(up{{job="{WORKER_JOB}", {label}="{component}"}} == 1)'
+    )
     for name, r in rules.items():
         text = r["expr"]
         assert set(re.findall(r"totango_[a-z_]+", text)) <= METRICS, name
@@ -714,9 +905,11 @@ def test_referenced_secret_keys_exist_in_the_example_secret() -> None:
 
 
 def test_config_maps_only_set_variables_the_worker_reads() -> None:
-    """Every key of the ConfigMap and of the overlays' patches is an environment variable
-    that worker/settings.py reads (a typo would be silently ignored by the worker), and
-    secrets (broker URL, Sentry DSN) are not in it."""
+    """Every key of the ConfigMap and of the overlays' patches, and every variable a worker
+    Deployment sets in its container env (the batch Deployment's overrides included), is an
+    environment variable that worker/settings.py reads (a typo would be silently ignored by
+    the worker) or PROMETHEUS_MULTIPROC_DIR; secrets (broker URL, Sentry DSN) are not in the
+    ConfigMaps and reach the pods from the Secret only."""
     known = settings_env_names()
     assert {"TOTANGO_BROKER_URL", "TOTANGO_CONNECT_TIMEOUT"} <= known
     maps = find("ConfigMap", "totango-worker-config")
@@ -725,12 +918,22 @@ def test_config_maps_only_set_variables_the_worker_reads() -> None:
         assert set(data) <= known, set(data) - known
         assert not {"TOTANGO_BROKER_URL", "SENTRY_DSN"} & set(data)
         assert all(isinstance(value, str) for value in data.values())
+    assert known >= BATCH_OVERRIDES
+    for deployment in worker_deployments():
+        env = container(deployment)["env"]
+        names = {e["name"] for e in env}
+        assert names <= known | {"PROMETHEUS_MULTIPROC_DIR"}, names - known
+        assert all(isinstance(e["value"], str) for e in env if "value" in e)
+        secret_refs = {e["name"] for e in env if "valueFrom" in e}
+        assert secret_refs == {"TOTANGO_BROKER_URL", "SENTRY_DSN"}
 
 
 def test_deployed_configuration_is_accepted_by_the_worker() -> None:
     """The worker's own validation (Settings.from_env + check_worker) accepts what each
-    deployment gives it: base ConfigMap + overlay patch + the example Secret's broker URL
-    for that broker, and the compose worker environment on RabbitMQ and on Redis."""
+    deployment gives it: for both worker Deployments, base ConfigMap + overlay patch + the
+    Deployment's own env (the batch overrides) + the example Secret's broker URL for that
+    broker, with the overrides read as set; and the compose worker environment on RabbitMQ
+    and on Redis."""
     from worker.settings import Settings  # noqa: PLC0415  only this test needs the package
 
     (secret,) = load_all(EXAMPLE_SECRET)
@@ -738,14 +941,19 @@ def test_deployed_configuration_is_accepted_by_the_worker() -> None:
         "rabbitmq": secret["stringData"]["broker-url"],
         "redis": "redis://:secret@redis-master:6379/0",
     }
-    for overlay in OVERLAYS:
-        env = dict(config_map())
-        env.update(one("ConfigMap", under=OPS / "overlays" / overlay)["data"])
+    for overlay, deployment in itertools.product(OVERLAYS, worker_deployments()):
+        env = pod_env(deployment, overlay)
         env["TOTANGO_BROKER_URL"] = broker_urls[overlay]
         settings = Settings.from_env(env)
         settings.check_worker()
         assert settings.broker_kind == overlay
         assert settings.soft_shutdown_timeout == float(env["TOTANGO_SOFT_SHUTDOWN_TIMEOUT"])
+        assert settings.concurrency == int(env["TOTANGO_CONCURRENCY"])
+        overrides = literal_env(deployment)
+        if deployment["metadata"]["name"] == BATCH_WORKER:
+            assert settings.concurrency == int(overrides["TOTANGO_CONCURRENCY"])
+            assert settings.prefetch_multiplier == int(overrides["TOTANGO_PREFETCH_MULTIPLIER"])
+            assert settings.batch_senders == int(overrides["TOTANGO_BATCH_SENDERS"])
 
     compose_env = {
         name: compose_default(str(value))

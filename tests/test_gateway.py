@@ -143,21 +143,26 @@ def test_a_refused_connection_is_a_connection_error_not_a_timeout() -> None:
 def test_the_pool_holds_every_call_a_process_can_make_so_no_connection_is_discarded(
     emulator: GatewayEmulator, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Single-event tasks (``concurrency`` threads) and batch senders (``concurrency`` more)
-    can be in flight together: 2 x concurrency calls at once, twice over, open 2 x
-    concurrency connections and reuse them, with no "pool is full" discard."""
-    concurrency = 4
+    """Single-event tasks (``concurrency`` threads) and batch senders (``batch_senders``
+    more) can be in flight together: that many calls at once, twice over, open that many
+    connections and reuse them, with no "pool is full" discard."""
+    concurrency, senders = 4, 3
     emulator.set_delay(0.2)
-    settings = settings_for(f"{emulator.url}/pixel.gif", TOTANGO_CONCURRENCY=str(concurrency))
+    settings = settings_for(
+        f"{emulator.url}/pixel.gif",
+        TOTANGO_CONCURRENCY=str(concurrency),
+        TOTANGO_BATCH_SENDERS=str(senders),
+    )
     client = Gateway(settings, env={})
-    assert pool_size(concurrency) == 8
+    assert pool_size(concurrency, senders) == 7
     caplog.set_level(logging.WARNING, logger="urllib3")
-    with ThreadPoolExecutor(max_workers=2 * concurrency) as pool:
+    with ThreadPoolExecutor(max_workers=concurrency + senders) as pool:
         for _ in range(2):
-            answers = list(pool.map(lambda _: client.send(event()), range(2 * concurrency)))
+            calls = range(concurrency + senders)
+            answers = list(pool.map(lambda _: client.send(event()), calls))
             assert {a.status for a in answers} == {"200"}
     assert client._pool is not None
-    assert client._pool.num_connections == 2 * concurrency
+    assert client._pool.num_connections == concurrency + senders
     assert not [r for r in caplog.records if "discarding" in r.getMessage()]
 
 

@@ -27,7 +27,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from worker.emulator import Call, GatewayEmulator
-from worker.topology import RABBITMQ_QUEUE_ARGUMENTS, task_queue
+from worker.topology import RABBITMQ_QUEUE_ARGUMENTS, batch_queue, task_queue
 
 Env = dict[str, str]
 StartWorker = Callable[..., AbstractContextManager[Popen[bytes]]]
@@ -63,17 +63,23 @@ def main() -> None:
     with open(events_path, encoding="utf-8") as f:
         events = json.load(f)[style]
     app = declaring_producer(broker_url) if style == "declaring" else plain_producer(broker_url)
+    singles, batched = events["single"], events["batch"]
+    batch = {"events": [{"task": e["task"], "kwargs": e["kwargs"]} for e in batched]}
     try:
-        for event in events:
+        for event in singles:
             if style == "declaring":
                 app.send_task(event["task"], kwargs=event["kwargs"])
             else:
                 app.send_task(event["task"], kwargs=event["kwargs"], queue="totango", declare=[])
+        if style == "declaring":
+            app.send_task("totango.track_batch", kwargs=batch)
+        else:
+            app.send_task("totango.track_batch", kwargs=batch, queue="totango.batch", declare=[])
     finally:
         app.close()
     ours = sorted(m for m in sys.modules if m == "worker" or m.startswith("worker."))
     assert not ours, ours
-    print("published", len(events))
+    print("published", len(singles) + len(batched))
 
 
 main()
@@ -146,6 +152,29 @@ def documented_events(style: str) -> list[dict[str, Any]]:
     ]
 
 
+def batched_events(style: str) -> list[dict[str, Any]]:
+    """Two activities that the producer publishes in one ``totango.track_batch`` message."""
+    return [
+        {
+            "task": "totango.track_activity",
+            "kwargs": {
+                "account_id": f"{style}-batched-{n}",
+                "user_id": f"user {n}",
+                "activity": "Export",
+                "module": "Reports",
+            },
+            "params": [
+                ["sdr_s", DEFAULT_SERVICE_ID],
+                ["sdr_o", f"{style}-batched-{n}"],
+                ["sdr_u", f"user {n}"],
+                ["sdr_a", "Export"],
+                ["sdr_m", "Reports"],
+            ],
+        }
+        for n in (1, 2)
+    ]
+
+
 def producer_env() -> dict[str, str]:
     """The producer's environment: nothing of the worker's settings."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("TOTANGO_", "SENTRY_"))}
@@ -179,25 +208,30 @@ def run_producer(broker_url: str, tmp_path: Path, style: str) -> None:
         check=False,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "published 3" in run.stdout, run.stdout + run.stderr
+    assert "published 5" in run.stdout, run.stdout + run.stderr
 
 
-def test_the_documented_queue_is_the_one_the_worker_declares(tmp_path: Path) -> None:
-    """The README's queue has the worker's name, exchange, routing key and arguments, so
-    the two cannot drift apart unnoticed (on RabbitMQ a drift is PRECONDITION_FAILED)."""
+def test_the_documented_queues_are_the_ones_the_worker_declares(tmp_path: Path) -> None:
+    """The README's queues (``totango`` and ``totango.batch``) have the worker's names,
+    exchange, routing keys and arguments, so the two cannot drift apart unnoticed (on
+    RabbitMQ a drift is PRECONDITION_FAILED)."""
     config = tmp_path / "producer_config.py"
     config.write_text(PRODUCER_CONFIG, encoding="utf-8")
-    documented = runpy.run_path(str(config))["TOTANGO_QUEUE"]
-    declared = task_queue("rabbitmq")
-    assert declared.exchange is not None
-    assert (documented.name, documented.routing_key) == (declared.name, declared.routing_key)
-    assert (documented.exchange.name, documented.exchange.type) == (
-        declared.exchange.name,
-        declared.exchange.type,
-    )
-    assert documented.durable
-    assert documented.exchange.durable
-    assert documented.queue_arguments == RABBITMQ_QUEUE_ARGUMENTS
+    names = runpy.run_path(str(config))
+    pairs = [
+        (names["TOTANGO_QUEUE"], task_queue("rabbitmq")),
+        (names["TOTANGO_BATCH_QUEUE"], batch_queue("rabbitmq")),
+    ]
+    for documented, declared in pairs:
+        assert declared.exchange is not None
+        assert (documented.name, documented.routing_key) == (declared.name, declared.routing_key)
+        assert (documented.exchange.name, documented.exchange.type) == (
+            declared.exchange.name,
+            declared.exchange.type,
+        )
+        assert documented.durable
+        assert documented.exchange.durable
+        assert documented.queue_arguments == RABBITMQ_QUEUE_ARGUMENTS
 
 
 @pytest.mark.integration
@@ -209,12 +243,16 @@ def test_a_producer_that_does_not_import_the_package_is_delivered(
     tmp_path: Path,
 ) -> None:
     """The README's producer configuration, run in its own interpreter that imports only
-    celery and kombu, publishes every task kind by name with keyword arguments only. The
+    celery and kombu, publishes every task kind by name with keyword arguments only, and a
+    ``totango.track_batch`` of two events to the batch queue. The
     declaring producer may publish before any worker has started; the plain producer
     (``queue="totango", declare=[]``) declares nothing. The real worker delivers each event
     once with exactly the documented parameters, also after a retry (the worker republishes
     a foreign message correctly)."""
-    events = {style: documented_events(style) for style in ("declaring", "plain")}
+    events = {
+        style: {"single": documented_events(style), "batch": batched_events(style)}
+        for style in ("declaring", "plain")
+    }
     (tmp_path / "producer.py").write_text(PRODUCER_CONFIG + PRODUCER_DRIVER, encoding="utf-8")
     (tmp_path / "events.json").write_text(json.dumps(events), encoding="utf-8")
     gateway.add_rule({"sdr_o": "declaring-account"}, [503])
@@ -226,7 +264,7 @@ def test_a_producer_that_does_not_import_the_package_is_delivered(
         expected = {
             dict(map(tuple, event["params"]))["sdr_o"]: sorted(event["params"])
             for style in events.values()
-            for event in style
+            for event in style["single"] + style["batch"]
         }
         gateway.wait_for(len(expected), timeout=DELIVERY_TIMEOUT)
         time.sleep(0.5)  # a duplicate would show up here

@@ -184,6 +184,8 @@ def test_check_worker_passes_with_a_service_id() -> None:
         ("TOTANGO_MAX_RETRIES", "1.5"),
         ("TOTANGO_CONCURRENCY", "0"),
         ("TOTANGO_PREFETCH_MULTIPLIER", "0"),
+        ("TOTANGO_BATCH_SENDERS", "0"),
+        ("TOTANGO_BATCH_SENDERS", "many"),
         ("TOTANGO_DELIVERY_LIMIT", "0"),
         ("TOTANGO_MAX_URL_LENGTH", "100"),
         ("TOTANGO_METRICS_PORT", "-1"),
@@ -212,6 +214,8 @@ def test_bad_number_names_its_variable(variable: str, value: str) -> None:
         ("TOTANGO_MAX_RETRIES", "0", "max_retries", 0),
         ("TOTANGO_MAX_RETRIES", "", "max_retries", 8),
         ("TOTANGO_CONCURRENCY", "4", "concurrency", 4),
+        ("TOTANGO_BATCH_SENDERS", "32", "batch_senders", 32),
+        ("TOTANGO_BATCH_SENDERS", "", "batch_senders", 128),
         ("TOTANGO_CONNECT_TIMEOUT", "0.5", "connect_timeout", 0.5),
         ("TOTANGO_RETRY_BACKOFF_MAX", "60", "retry_backoff_max", 60.0),
     ],
@@ -426,3 +430,4 @@ def test_the_retry_policy_is_made_of_the_retry_settings() -> None:
     assert settings.retry_policy == RetryPolicy(
         max_retries=3, backoff_base=2.0, backoff_max=40.0, retry_after_max=50.0
     )
+

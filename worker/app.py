@@ -10,8 +10,9 @@ from typing import Any
 
 from celery import Celery
 
+from worker.events import TRACK_BATCH
 from worker.settings import Settings
-from worker.topology import QUEUE, ROUTING_KEY, exchange_for, task_queue
+from worker.topology import BATCH_QUEUE, QUEUE, ROUTING_KEY, batch_queue, exchange_for, task_queue
 
 
 class TotangoCelery(Celery):
@@ -26,9 +27,9 @@ def create_app(settings: Settings | None = None) -> TotangoCelery:
     app.settings = settings
     app.conf.update(config(settings))
     from worker import signals, tasks  # noqa: PLC0415  tasks and signals need the app first
-    from worker.consumer import DeclareDeadLetters, Heartbeat  # noqa: PLC0415
+    from worker.consumer import DeclareQueues, Heartbeat  # noqa: PLC0415
 
-    app.steps["consumer"].add(DeclareDeadLetters)
+    app.steps["consumer"].add(DeclareQueues)
     app.steps["consumer"].add(Heartbeat)
     tasks.register(app)
     signals.connect(app)
@@ -45,13 +46,19 @@ def config(settings: Settings) -> dict[str, Any]:
         "result_accept_content": ["json"],
         "task_ignore_result": True,
         "result_backend": None,
-        "task_queues": [task_queue(kind)],
+        # A worker consumes both queues unless started with -Q (production runs one
+        # Deployment per queue: ops/base/worker-deployment.yaml, worker-batch-deployment.yaml).
+        "task_queues": [task_queue(kind), batch_queue(kind)],
         "task_default_queue": QUEUE,
         "task_default_exchange": exchange_for(kind).name,
         "task_default_exchange_type": exchange_for(kind).type,
         "task_default_routing_key": ROUTING_KEY,
         "task_create_missing_queues": False,
-        "task_routes": {"totango.*": {"queue": QUEUE}},
+        # An exact task name wins over the pattern: batches to their own queue.
+        "task_routes": {
+            TRACK_BATCH: {"queue": BATCH_QUEUE},
+            "totango.*": {"queue": QUEUE},
+        },
         # At least once: a message is acknowledged only after the call's outcome is settled
         # (delivered, retry published, or dead letter published). A child killed mid-call
         # (OOM, SIGKILL) gets its task retried through the normal retry budget

@@ -119,7 +119,7 @@ def relay_batch(
         else:
             valid.append((item, event))
 
-    sending = _Sending(process_executor(settings.concurrency), settings, valid)
+    sending = _Sending(process_executor(settings.batch_senders), settings, valid)
     # Dead letters are published while the valid events are in flight.
     for item, problem in invalid:
         excerpt = f"{problem} (batch {batch_id}, index {item.index})"
@@ -149,9 +149,9 @@ EVENTS_PER_SENDER = 4
 
 
 def senders_for(events_in_batch: int, settings: Settings) -> int:
-    """How many senders a batch gets: at most one per event and ``concurrency`` in all."""
+    """How many senders a batch gets: at most one per event and ``batch_senders`` in all."""
     planned = math.ceil(events_in_batch / EVENTS_PER_SENDER)
-    return max(1, min(events_in_batch, settings.concurrency, planned))
+    return max(1, min(events_in_batch, settings.batch_senders, planned))
 
 
 class _Sending:
@@ -274,7 +274,7 @@ _executor_pid = 0
 
 def process_executor(size: int) -> ThreadPoolExecutor:
     """The senders of this process, shared by its batches so that the calls in flight stay
-    within the HTTP pool (``TOTANGO_CONCURRENCY``); made again after a fork."""
+    within the HTTP pool (``TOTANGO_BATCH_SENDERS``); made again after a fork."""
     global _executor, _executor_pid  # noqa: PLW0603  one executor per process is the point
     with _executor_lock:
         if _executor is None or _executor_pid != os.getpid():

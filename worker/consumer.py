@@ -14,18 +14,34 @@ from typing import Any
 
 from celery import bootsteps
 from celery.worker.consumer import Consumer
+from celery.worker.consumer.delayed_delivery import DelayedDelivery
 
 from worker.deadletter import HOSTNAME
 from worker.envelope import Envelope, raw_body_fields
 from worker.settings import broker_kind
-from worker.topology import dead_letter_queue
+from worker.topology import batch_queue, dead_letter_queue, task_queue
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 10.0
 
 
+_CELERY_DELAYED_DELIVERY = "celery.worker.consumer.delayed_delivery:DelayedDelivery"
+
+
+_ConsumerBlueprint: Any = Consumer.Blueprint
+
+
 class RelayConsumer(Consumer):
+    class Blueprint(_ConsumerBlueprint):  # type: ignore[misc]  # celery's stubs: a variable
+        # Celery's delayed-delivery step, replaced by one that waits for DeclareQueues.
+        default_steps = tuple(
+            "worker.consumer:QueuesThenDelayedDelivery"
+            if step == _CELERY_DELAYED_DELIVERY
+            else step
+            for step in _ConsumerBlueprint.default_steps
+        )
+
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)
 
@@ -111,15 +127,31 @@ def _kwargs(message: Any) -> dict[str, Any] | None:
     return None
 
 
-class DeclareDeadLetters(bootsteps.StartStopStep):
-    """Declare the dead-letter queue when the consumer connects: Celery declares only the
-    queues it consumes, and a message routed to an undeclared queue vanishes."""
+class DeclareQueues(bootsteps.StartStopStep):
+    """Declare the dead-letter queue and both work queues when the consumer connects.
+
+    Celery declares only the queues a worker consumes, and a message routed to an undeclared
+    queue vanishes. A worker started with ``-Q totango`` must still create ``totango.batch``
+    (and the other way round): producers that declare nothing publish to either, and Celery's
+    delayed-delivery step binds every queue of the app, failing on a missing one.
+    """
 
     requires = ("celery.worker.consumer.connection:Connection",)
 
     def start(self, c: Any) -> None:
-        queue = dead_letter_queue(broker_kind(c.app.conf.broker_url))
-        queue(c.connection.default_channel).declare()
+        kind = broker_kind(c.app.conf.broker_url)
+        channel = c.connection.default_channel
+        for queue in (dead_letter_queue(kind), task_queue(kind), batch_queue(kind)):
+            queue(channel).declare()
+
+
+class QueuesThenDelayedDelivery(DelayedDelivery):
+    """Celery's native delayed delivery (retry countdowns on quorum queues), started only
+    after DeclareQueues: it binds every queue of the app, and on a queue that does not exist
+    yet RabbitMQ answers NOT_FOUND and Celery turns delayed delivery off for the process.
+    Bootsteps without a dependency between them start in no fixed order."""
+
+    requires: tuple[Any, ...] = (*(DelayedDelivery.requires or ()), "worker.consumer:DeclareQueues")
 
 
 class Heartbeat(bootsteps.StartStopStep):

@@ -46,13 +46,13 @@ class Answer:
 # --- pure decisions -----------------------------------------------------------------------
 
 
-def pool_size(concurrency: int) -> int:
+def pool_size(concurrency: int, batch_senders: int) -> int:
     """Connections one process can have in flight at once: one per Celery pool slot for
     single-event tasks, plus one per batch sender (``batch.process_executor`` has
-    ``concurrency`` threads). Sized to that bound, the pool never has to open a connection
+    ``batch_senders`` threads). Sized to that bound, the pool never has to open a connection
     it cannot keep, so none is closed after one call (urllib3's "pool is full, discarding
     connection") and no call waits for a free one."""
-    return 2 * max(1, concurrency)
+    return max(1, concurrency) + max(1, batch_senders)
 
 
 def method_for(settings: Settings, query: str) -> str:
@@ -145,7 +145,7 @@ class Gateway:
         self.form_headers = {**self.headers, "Content-Type": "application/x-www-form-urlencoded"}
         self.timeout = urllib3.Timeout(connect=settings.connect_timeout, read=settings.read_timeout)
         pool_kw: dict[str, Any] = {
-            "maxsize": size or pool_size(settings.concurrency),
+            "maxsize": size or pool_size(settings.concurrency, settings.batch_senders),
             "block": False,  # never reached: the pool holds every call a process can make
             "headers": self.headers,
             "timeout": self.timeout,

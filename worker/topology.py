@@ -11,6 +11,11 @@ from kombu import Exchange, Queue
 QUEUE = "totango"
 EXCHANGE = "totango"
 ROUTING_KEY = "totango"
+#: ``totango.track_batch`` messages have a queue of their own, consumed by workers started
+#: with ``-Q totango.batch`` and a low prefetch: a batch message carries up to 100 events,
+#: so a prefetch sized for single events would let one pod reserve tens of thousands.
+BATCH_QUEUE = "totango.batch"
+BATCH_ROUTING_KEY = "totango.batch"
 DEAD_LETTER_QUEUE = "totango.dead_letter"
 DEAD_LETTER_EXCHANGE = "totango.dlx"
 DEAD_LETTER_ROUTING_KEY = "totango.dead_letter"
@@ -47,11 +52,21 @@ RABBITMQ_QUEUE_ARGUMENTS: dict[str, object] = {
 
 def task_queue(broker_kind: str) -> Queue:
     """The main queue. Redis has no queue arguments, so it gets a plain declaration."""
+    return _work_queue(QUEUE, ROUTING_KEY, broker_kind)
+
+
+def batch_queue(broker_kind: str) -> Queue:
+    """The batch queue: declared exactly as the main queue, under its own name and key (a
+    topic binding ``totango`` does not match ``totango.batch``, nor the other way round)."""
+    return _work_queue(BATCH_QUEUE, BATCH_ROUTING_KEY, broker_kind)
+
+
+def _work_queue(name: str, routing_key: str, broker_kind: str) -> Queue:
     arguments = RABBITMQ_QUEUE_ARGUMENTS if broker_kind == "rabbitmq" else None
     return Queue(
-        QUEUE,
+        name,
         exchange_for(broker_kind),
-        routing_key=ROUTING_KEY,
+        routing_key=routing_key,
         durable=True,
         queue_arguments=arguments,
     )
