@@ -24,8 +24,9 @@ from worker.app import TotangoCelery, create_app
 from worker.client import Producer
 from worker.deadletter import browse
 from worker.emulator import GatewayEmulator
+from worker.events import TRACK_ACTIVITY
 from worker.settings import Settings
-from worker.topology import DEAD_LETTER_QUEUE, QUEUE
+from worker.topology import BATCH_QUEUE, DEAD_LETTER_QUEUE, QUEUE
 
 #: Redis: a reserved message comes back after this long. Short, so that the messages a
 #: killed worker held come back within the run; the retry delays below stay under half.
@@ -94,16 +95,19 @@ class Depths:
 
 
 def depths(url: str, *, delayed: bool = True) -> Depths:
-    """How many messages wait in the main queue, are still to come, and are dead-lettered."""
+    """How many messages wait in the work queues (``totango`` and ``totango.batch``), are
+    still to come, and are dead-lettered."""
     if url.startswith("redis"):
         client = redis.Redis.from_url(url, socket_timeout=5)
         try:
             return Depths(
-                client.llen(QUEUE), client.hlen(REDIS_UNACKED), client.llen(DEAD_LETTER_QUEUE)
+                client.llen(QUEUE) + client.llen(BATCH_QUEUE),
+                client.hlen(REDIS_UNACKED),
+                client.llen(DEAD_LETTER_QUEUE),
             )
         finally:
             client.close()
-    names = (QUEUE, DEAD_LETTER_QUEUE, *(DELAYED_QUEUES if delayed else ()))
+    names = (QUEUE, BATCH_QUEUE, DEAD_LETTER_QUEUE, *(DELAYED_QUEUES if delayed else ()))
     counts = []
     with Connection(url, connect_timeout=5) as connection:
         channel = connection.channel()
@@ -113,7 +117,7 @@ def depths(url: str, *, delayed: bool = True) -> Depths:
             except connection.channel_errors:
                 channel = connection.channel()  # a missing queue closes the channel
                 counts.append(0)
-    return Depths(counts[0], sum(counts[2:]), counts[1])
+    return Depths(counts[0] + counts[1], sum(counts[3:]), counts[2])
 
 
 def reserved_keys(url: str) -> set[str]:
@@ -165,8 +169,8 @@ class Run:
         self.apps.append(app)
         return app
 
-    def worker(self, env: dict[str, str], name: str) -> Worker:
-        worker = Worker(env, self.tmp / f"{name}.log", name)
+    def worker(self, env: dict[str, str], name: str, *args: str) -> Worker:
+        worker = Worker(env, self.tmp / f"{name}.log", name, args)
         self.workers.append(worker)
         return worker
 
@@ -237,6 +241,26 @@ def send(producer: Producer, ledger: Ledger, count: int) -> list[str]:
             event_id=key,
         )  # fmt: skip
         keys.append(key)
+    return keys
+
+
+def send_batches(producer: Producer, ledger: Ledger, count: int, size: int) -> list[str]:
+    """Enqueue ``count`` valid activities as ``totango.track_batch`` messages of ``size``
+    events (``Producer.send_batch``), keyed as ``send`` keys them."""
+    keys = [ledger.key(DELIVER) for _ in range(count)]
+    for start in range(0, count, size):
+        prepared = [
+            producer.prepare(
+                TRACK_ACTIVITY,
+                account_id=ACCOUNT,
+                user_id=f"user-{key}",
+                activity="Login",
+                module="Faults",
+                event_id=key,
+            )
+            for key in keys[start : start + size]
+        ]
+        producer.send_batch(prepared)
     return keys
 
 

@@ -41,10 +41,13 @@ class Worker:
     """One real ``celery -A worker.app worker``, in a process group of its own so that a
     kill -9 reaches the main process and every pool process at once."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, name: str) -> None:
+    def __init__(
+        self, env: Mapping[str, str], log_path: Path, name: str, args: tuple[str, ...] = ()
+    ) -> None:
         self.env = dict(env)
         self.log_path = log_path
         self.name = name
+        self.args = args  # more celery worker options, such as ("-Q", "totango.batch")
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.ready_at = 0.0
@@ -65,7 +68,7 @@ class Worker:
                     sys.executable, "-m", "celery", "-A", "worker.app", "worker",
                     "--loglevel", self.env.get("TOTANGO_LOG_LEVEL", "INFO"),
                     "--without-mingle", "--without-gossip",
-                    "-n", f"{self.name}-{os.getpid()}-{self.starts}@%h",
+                    "-n", f"{self.name}-{os.getpid()}-{self.starts}@%h", *self.args,
                 ],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip

@@ -30,10 +30,12 @@ from tests.faults.harness import (
     queued_keys,
     reserved_keys,
     send,
+    send_batches,
 )
 from tests.workers import wait_until
 from worker.client import Producer
 from worker.deadletter import browse
+from worker.topology import BATCH_QUEUE
 
 pytestmark = pytest.mark.faults
 
@@ -141,6 +143,52 @@ def _kill_note(kills: list[Kill], late: set[str]) -> str:
     if lost_at_kill:
         note += f"; {len(lost_at_kill)} taken off the list but never reserved"
     return note + (f"; {len(late)} back later than promised" if late else "")
+
+
+BATCH_EVENTS = 1000
+BATCH_SIZE = 20
+#: The batch Deployment's settings, scaled down: batches at once, prefetch, senders.
+BATCH_WORKER = {
+    "TOTANGO_CONCURRENCY": "2",
+    "TOTANGO_PREFETCH_MULTIPLIER": "1",
+    "TOTANGO_BATCH_SENDERS": "8",
+}
+BATCH_KILLS = 3
+
+
+def test_kill_9_of_the_batch_worker_loses_nothing(run: Run) -> None:
+    """1,000 events in batches of 20 on ``totango.batch``, consumed by a batch worker as
+    production runs it (``-Q totango.batch``, prefetch 1, scaled down); the gateway answers
+    after 50 ms, so batches are mid-send when the worker is killed -9, three times at random
+    moments, and restarted. A killed worker's batches come back whole (RabbitMQ at once,
+    Redis after the visibility timeout) and run again: every event is delivered, and the
+    duplicates stay within the batches the kills held (kills x slots x batch size)."""
+    env = run.env(**BATCH_WORKER)
+    app = run.app()
+    ledger = run.ledger("1 crash: kill -9 of the batch worker")
+    run.gateway.set_delay(0.05)
+    send_batches(Producer(app=app), ledger, BATCH_EVENTS, BATCH_SIZE)
+    worker = run.worker(env, "batch-crash", "-Q", BATCH_QUEUE)
+    worker.start()
+
+    rng = random.Random()
+    marks = sorted(rng.sample(range(BATCH_EVENTS // 10, BATCH_EVENTS * 7 // 10), BATCH_KILLS))
+    for mark in marks:
+        wait_until(lambda m=mark: _running_past(run, worker.ready_at, m), 120, f"{mark} deliveries")
+        time.sleep(rng.uniform(0, 0.1))
+        worker.kill_all()
+        worker.start()
+
+    tally = run.settle(ledger, app, timeout=PROMISED_RECOVERY + 60, worker=worker)
+    slots = int(BATCH_WORKER["TOTANGO_CONCURRENCY"]) * int(
+        BATCH_WORKER["TOTANGO_PREFETCH_MULTIPLIER"]
+    )
+    bound = BATCH_KILLS * slots * BATCH_SIZE
+    recovery = "requeued at once" if run.kind == "rabbitmq" else "after the visibility timeout"
+    note = f"kill -9 of the batch worker x{BATCH_KILLS}, batches of {BATCH_SIZE}"
+    row = run.record(ledger.row(tally, duplicate_bound=bound, recovery=recovery, note=note))
+    assert row.duplicates <= bound
+    assert_nothing_lost(run, tally, row)
 
 
 #: What the settings promise for an event whose pool process died under it: a retry after
