@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from worker.app import config
 from worker.errors import ConfigError
 from worker.retry import RetryPolicy
 from worker.settings import REGION_GATEWAYS, Settings, broker_kind, is_loopback
@@ -230,6 +231,8 @@ def test_good_number_is_read(variable: str, value: str, attribute: str, expected
     [
         ("TOTANGO_HTTP_METHOD", "post", "http_method", "POST"),
         ("TOTANGO_LOG_LEVEL", "debug", "log_level", "DEBUG"),
+        ("TOTANGO_TASK_EVENTS", "false", "task_events", False),
+        ("TOTANGO_TASK_EVENTS", "", "task_events", False),
     ],
 )
 def test_case_insensitive_choices(variable: str, value: str, attribute: str, expected: str) -> None:
@@ -431,3 +434,10 @@ def test_the_retry_policy_is_made_of_the_retry_settings() -> None:
         max_retries=3, backoff_base=2.0, backoff_max=40.0, retry_after_max=50.0
     )
 
+
+@pytest.mark.parametrize(("value", "expected"), [(None, True), ("false", False), ("true", True)])
+def test_task_events_setting_reaches_celery(value: str | None, expected: bool) -> None:
+    """TOTANGO_TASK_EVENTS (on unless set false) is what the app gives Celery as
+    ``worker_send_task_events``, the switch for the events Flower's task views read."""
+    env = {} if value is None else {"TOTANGO_TASK_EVENTS": value}
+    assert config(Settings.from_env(env))["worker_send_task_events"] is expected

@@ -58,6 +58,8 @@ class Settings:
     prefetch_multiplier: int = 2
     #: Gateway calls a process's batches may have in flight at once, shared by its batches.
     batch_senders: int = 128
+    #: Celery task events (received, started, succeeded...), which Flower's task views need.
+    task_events: bool = True
     soft_shutdown_timeout: float = 20.0
     metrics_port: int = 9808
     heartbeat_file: str = "/tmp/totango-worker.heartbeat"  # noqa: S108  overridable; pods mount /tmp
@@ -120,6 +122,7 @@ class Settings:
             concurrency=_int(e, "TOTANGO_CONCURRENCY", d.concurrency, low=1),
             prefetch_multiplier=_int(e, "TOTANGO_PREFETCH_MULTIPLIER", d.prefetch_multiplier, 1),
             batch_senders=_int(e, "TOTANGO_BATCH_SENDERS", d.batch_senders, low=1),
+            task_events=_bool(e, "TOTANGO_TASK_EVENTS", d.task_events),
             soft_shutdown_timeout=_float(
                 e, "TOTANGO_SOFT_SHUTDOWN_TIMEOUT", d.soft_shutdown_timeout, low=0
             ),
