@@ -24,6 +24,7 @@ from worker.app import TotangoCelery
 from worker.client import Producer
 from worker.emulator import GatewayEmulator
 from worker.events import TRACK_ACTIVITY, UPDATE_ACCOUNT
+from worker.topology import BATCH_QUEUE, QUEUE
 
 pytestmark = pytest.mark.integration
 
@@ -131,8 +132,9 @@ def test_flower_shows_the_worker_and_its_relayed_tasks_behind_basic_auth(
 ) -> None:
     """A real Flower (basic auth, read-only) next to a worker started as the tests start it,
     ``--without-mingle --without-gossip``: neither is needed. Flower sees the worker online
-    from its events and, through an inspect broadcast (remote control), its queue and
-    registered tasks; it lists the relayed ``totango.*`` tasks by name, SUCCESS in the end,
+    from its events and, through an inspect broadcast (remote control), its two queues
+    (``totango`` and ``totango.batch``, as it runs without ``-Q``) and registered tasks; it
+    lists the relayed ``totango.*`` tasks by name, SUCCESS in the end,
     the one answered 503 with its retry recorded (and, on RabbitMQ, shown as RETRY while the
     delayed retry waits; on Redis the retry message returns to the worker at once and its
     task-received event may land after task-retried, so RECEIVED may show instead). The API
@@ -161,7 +163,8 @@ def test_flower_shows_the_worker_and_its_relayed_tasks_behind_basic_auth(
             log,
             interval=0.2,
         )
-        assert [q["name"] for q in inspected["active_queues"]] == ["totango"]
+        consumed = sorted(q["name"] for q in inspected["active_queues"])
+        assert consumed == sorted([QUEUE, BATCH_QUEUE])  # no -Q: single events and batches
         assert {TRACK_ACTIVITY, UPDATE_ACCOUNT} <= set(inspected["registered"])
 
         producer = Producer(app=app_for(env))
