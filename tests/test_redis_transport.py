@@ -9,6 +9,7 @@ items that are not kombu messages.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -248,3 +249,29 @@ def test_with_two_queues_neither_waits_on_the_other(url: str) -> None:
     client = redis.Redis.from_url(url)
     assert client.hlen(UNACKED) == 0
     assert client.llen(idle.name) == client.llen(busy.name) == 0
+
+
+def test_an_unparseable_item_is_set_aside_under_its_own_queue(url: str) -> None:
+    """With two consumed queues, an item that is not a kombu message goes to the
+    unparseable list of the queue it was on, not of the first queue consumed."""
+    first, second = (
+        Queue(name, Exchange("", type="direct"), routing_key=name)
+        for name in (f"q-first-{uuid.uuid4().hex[:6]}", f"q-second-{uuid.uuid4().hex[:6]}")
+    )
+    client = redis.Redis.from_url(url)
+    publish(url, second, {"n": 7})
+    client.rpush(second.name, b"not json either")
+    got: list[Message] = []
+    with (
+        ours(url) as conn,
+        Consumer(conn, [first, second], callbacks=[lambda _b, m: got.append(m)]),
+    ):
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=1)
+        (message,) = got
+        message.ack()
+    assert message.payload == {"n": 7}
+    assert client.lrange(second.name + UNPARSEABLE_SUFFIX, 0, -1) == [b"not json either"]
+    assert client.llen(first.name + UNPARSEABLE_SUFFIX) == 0

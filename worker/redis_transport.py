@@ -41,30 +41,32 @@ logger = logging.getLogger(__name__)
 #: message arriving on another queue waits at most this long.
 IDLE_LOOK = 0.2
 
-# KEYS: unacked hash, unacked index, unparseable list, then the lists to take from, in
-# order. ARGV: the time to record, as kombu's own QoS.append records it.
-# Returns {index of the list, message} or false. The message is stored in ``unacked``
-# as kombu stores it, ``[message, exchange, routing_key]``, built from the raw text so
-# that nothing in it is re-encoded. A list item that is not a kombu message cannot be
-# reserved by its tag: it is moved whole to the unparseable list, never dropped.
+# KEYS: unacked hash, unacked index, then for each list to take from, in order, the list
+# and the list its unparseable items go to. ARGV: the time to record, as kombu's own
+# QoS.append records it. Returns {number of the list, message} or false. The message is
+# stored in ``unacked`` as kombu stores it, ``[message, exchange, routing_key]``, built from
+# the raw text so that nothing in it is re-encoded. A list item that is not a kombu message
+# cannot be reserved by its tag: it is moved whole to its queue's unparseable list, never
+# dropped, and the number is negative.
 FETCH_SCRIPT = """
-for i = 4, #KEYS do
+for i = 3, #KEYS, 2 do
   local item = redis.call('RPOP', KEYS[i])
   if item then
+    local n = (i - 1) / 2
     local ok, message = pcall(cjson.decode, item)
     local properties = ok and type(message) == 'table' and message['properties']
     local tag = type(properties) == 'table' and properties['delivery_tag']
     local info = type(properties) == 'table' and properties['delivery_info']
     if type(tag) ~= 'string' or type(info) ~= 'table' then
-      redis.call('LPUSH', KEYS[3], item)
-      return {-1, item}
+      redis.call('LPUSH', KEYS[i + 1], item)
+      return {-n, item}
     end
     local exchange = info['exchange'] or ''
     local routing_key = info['routing_key'] or ''
     redis.call('ZADD', KEYS[2], ARGV[1], tag)
     redis.call('HSET', KEYS[1], tag, '[' .. item .. ', ' .. cjson.encode(exchange) ..
       ', ' .. cjson.encode(routing_key) .. ']')
-    return {i - 3, item}
+    return {n, item}
   end
 end
 return false
@@ -201,7 +203,7 @@ class Channel(_KombuChannel):  # type: ignore[misc]
 
     def _fetch_read(self, **options: Any) -> bool:
         """The reply of the fetch script sent as the event loop's command (busy path)."""
-        keys, lists = self._pending_fetch or ([], [])
+        _keys, lists = self._pending_fetch or ([], [])
         try:
             try:
                 reply = self.client.parse_response(self.client.connection, "EVALSHA", **options)
@@ -216,7 +218,7 @@ class Channel(_KombuChannel):  # type: ignore[misc]
             self._in_poll = None
             self._pending_fetch = None
             self._flush_brpop_reauth()
-        found = self._found(reply, keys, lists)
+        found = self._found(reply, lists)
         if found is None:
             self._busy = False
             raise Empty
@@ -289,12 +291,9 @@ class Channel(_KombuChannel):  # type: ignore[misc]
         lists = [
             (q, prefix + self._q_for_pri(q, pri)) for pri in self.priority_steps for q in queues
         ]
-        keys = [
-            prefix + self.unacked_key,
-            prefix + self.unacked_index_key,
-            prefix + queues[0] + UNPARSEABLE_SUFFIX,
-            *(key for _, key in lists),
-        ]
+        keys = [prefix + self.unacked_key, prefix + self.unacked_index_key]
+        for queue, key in lists:
+            keys += [key, prefix + queue + UNPARSEABLE_SUFFIX]
         return keys, lists
 
     def _fetch_reserved(self, queues: list[str]) -> tuple[str, dict[str, Any]] | None:
@@ -302,23 +301,22 @@ class Channel(_KombuChannel):  # type: ignore[misc]
         keys, lists = self._fetch_keys(queues)
         with self.conn_or_acquire() as client:
             reply = self._run_fetch(client, keys, time())
-        return self._found(reply, keys, lists)
+        return self._found(reply, lists)
 
-    def _found(
-        self, reply: Any, keys: list[str], lists: list[tuple[str, str]]
-    ) -> tuple[str, dict[str, Any]] | None:
+    def _found(self, reply: Any, lists: list[tuple[str, str]]) -> tuple[str, dict[str, Any]] | None:
         """The queue and message of a script reply, or None when it reserved nothing."""
         if not reply:
             return None
-        index, raw = int(reply[0]), reply[1]
-        if index < 0:
+        number, raw = int(reply[0]), reply[1]
+        if number < 0:
+            queue, key = lists[-number - 1]
             logger.error(
                 "a message in Redis list %s is not a kombu message; moved it to %s",
-                lists[0][1],
-                keys[2],
+                key,
+                self.global_keyprefix + queue + UNPARSEABLE_SUFFIX,
             )
             return None
-        queue = lists[index - 1][0]
+        queue = lists[number - 1][0]
         payload: dict[str, Any] = loads(raw.decode() if isinstance(raw, bytes) else raw)
         self._reserved.add(payload["properties"]["delivery_tag"])
         return queue, payload
