@@ -101,10 +101,10 @@ class Channel(_KombuChannel):  # type: ignore[misc]
         self._reserved: set[str] = set()
         self._no_ack_queues: set[str] = set()
         self._fetch_sha: str | None = None
-        self._blmove_key: str | None = None
+        #: The queue a pending BLMOVE wake-up watches.
         self._blmove_queue: str | None = None
-        #: The fetch script sent as the event loop's command: its keys and lists.
-        self._pending_fetch: tuple[list[str], list[tuple[str, str]]] | None = None
+        #: The lists of the fetch script sent as the event loop's command (busy path).
+        self._pending_fetch: list[tuple[str, str]] | None = None
         #: The last look found a message (the next one is fetched without a wake-up).
         self._busy = False
         self._sync_client: Any = None
@@ -147,8 +147,7 @@ class Channel(_KombuChannel):  # type: ignore[misc]
             # The last look found a message, so more are likely waiting: the fetch script
             # itself is the command the event loop waits for. No wake-up round trip, and
             # every queue is looked at.
-            keys, lists = self._fetch_keys(queues)
-            self._pending_fetch = (keys, lists)
+            keys, self._pending_fetch = self._fetch_keys(queues)
             self.client.connection.send_command(
                 "EVALSHA", self._fetch_sha, len(keys), *keys, repr(time())
             )
@@ -160,18 +159,16 @@ class Channel(_KombuChannel):  # type: ignore[misc]
         # on another queue waits IDLE_LOOK at most.
         if len(queues) > 1:
             timeout = min(timeout, IDLE_LOOK)
-        self._blmove_key = self.global_keyprefix + self._q_for_pri(queues[0], 0)
         self._blmove_queue = queues[0]
-        self.client.connection.send_command(
-            "BLMOVE", self._blmove_key, self._blmove_key, "RIGHT", "RIGHT", timeout or 0
-        )
+        key = self.global_keyprefix + self._q_for_pri(queues[0], 0)
+        self.client.connection.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", timeout or 0)
 
     def _brpop_read(self, **options: Any) -> bool:
         if self._pending_fetch is not None:
             return self._fetch_read(**options)
-        if self._blmove_key is None:
-            return bool(super()._brpop_read(**options))
         watched = self._blmove_queue
+        if watched is None:
+            return bool(super()._brpop_read(**options))
         try:
             try:
                 # The reply only says whether the list had something; the script decides.
@@ -186,7 +183,7 @@ class Channel(_KombuChannel):  # type: ignore[misc]
                 raise
         finally:
             self._in_poll = None
-            self._blmove_key = None
+            self._blmove_queue = None
             self._flush_brpop_reauth()
         queues = list(self.active_queues)
         if self._closing or not queues:
@@ -203,7 +200,7 @@ class Channel(_KombuChannel):  # type: ignore[misc]
 
     def _fetch_read(self, **options: Any) -> bool:
         """The reply of the fetch script sent as the event loop's command (busy path)."""
-        _keys, lists = self._pending_fetch or ([], [])
+        lists = self._pending_fetch or []
         try:
             try:
                 reply = self.client.parse_response(self.client.connection, "EVALSHA", **options)
@@ -244,7 +241,7 @@ class Channel(_KombuChannel):  # type: ignore[misc]
             self._pending_fetch = None
             self.client.parse_response(self.client.connection, "EVALSHA")
             return
-        if type == "BRPOP" and self._blmove_key is not None:
+        if type == "BRPOP" and self._blmove_queue is not None:
             self.client.parse_response(self.client.connection, "BLMOVE")
             return
         super()._poll_error(type, **options)
