@@ -42,10 +42,15 @@ def url() -> Iterator[str]:
         yield url
 
 
+def direct_queue(label: str = "q") -> Queue:
+    """A queue of its own on the default exchange, as the worker routes on Redis."""
+    name = f"{label}-{uuid.uuid4().hex[:8]}"
+    return Queue(name, Exchange("", type="direct"), routing_key=name)
+
+
 @pytest.fixture
 def queue() -> Queue:
-    name = f"q-{uuid.uuid4().hex[:8]}"
-    return Queue(name, Exchange("", type="direct"), routing_key=name)
+    return direct_queue()
 
 
 def publish(url: str, queue: Queue, body: dict[str, Any], **options: Any) -> None:
@@ -221,10 +226,7 @@ def test_with_two_queues_neither_waits_on_the_other(url: str) -> None:
     for these 20). Here the backlog is fetched message after message with no wake-up in
     between (20 fetches in well under 10 s), each reserved, then acknowledged; after that
     a message published to either queue is still fetched."""
-    idle, busy = (
-        Queue(name, Exchange("", type="direct"), routing_key=name)
-        for name in (f"q-idle-{uuid.uuid4().hex[:6]}", f"q-busy-{uuid.uuid4().hex[:6]}")
-    )
+    idle, busy = direct_queue("q-idle"), direct_queue("q-busy")
     for n in range(20):
         publish(url, busy, {"n": n})
     got: list[Message] = []
@@ -254,10 +256,7 @@ def test_with_two_queues_neither_waits_on_the_other(url: str) -> None:
 def test_an_unparseable_item_is_set_aside_under_its_own_queue(url: str) -> None:
     """With two consumed queues, an item that is not a kombu message goes to the
     unparseable list of the queue it was on, not of the first queue consumed."""
-    first, second = (
-        Queue(name, Exchange("", type="direct"), routing_key=name)
-        for name in (f"q-first-{uuid.uuid4().hex[:6]}", f"q-second-{uuid.uuid4().hex[:6]}")
-    )
+    first, second = direct_queue("q-first"), direct_queue("q-second")
     client = redis.Redis.from_url(url)
     publish(url, second, {"n": 7})
     client.rpush(second.name, b"not json either")
