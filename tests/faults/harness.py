@@ -230,16 +230,22 @@ def delivered_keys(gateway: GatewayEmulator, ledger: Ledger | None = None) -> se
     return keys if ledger is None else keys & ledger.expected.keys()
 
 
+def activity(key: str, **extra: Any) -> dict[str, Any]:
+    """An activity's arguments, valid unless ``extra`` says otherwise, with ``key`` as its
+    event id and in its user id."""
+    return {
+        "account_id": ACCOUNT, "user_id": f"user-{key}", "activity": "Login",
+        "module": "Faults", "event_id": key, **extra,
+    }  # fmt: skip
+
+
 def send(producer: Producer, ledger: Ledger, count: int) -> list[str]:
     """Enqueue ``count`` valid activities through the producer API, each with its own key as
     event id and in its user id."""
     keys = []
     for _ in range(count):
         key = ledger.key(DELIVER)
-        producer.track_activity(
-            account_id=ACCOUNT, user_id=f"user-{key}", activity="Login", module="Faults",
-            event_id=key,
-        )  # fmt: skip
+        producer.track_activity(**activity(key))
         keys.append(key)
     return keys
 
@@ -250,15 +256,7 @@ def send_batches(producer: Producer, ledger: Ledger, count: int, size: int) -> l
     keys = [ledger.key(DELIVER) for _ in range(count)]
     for start in range(0, count, size):
         prepared = [
-            producer.prepare(
-                TRACK_ACTIVITY,
-                account_id=ACCOUNT,
-                user_id=f"user-{key}",
-                activity="Login",
-                module="Faults",
-                event_id=key,
-            )
-            for key in keys[start : start + size]
+            producer.prepare(TRACK_ACTIVITY, **activity(key)) for key in keys[start : start + size]
         ]
         producer.send_batch(prepared)
     return keys
@@ -316,13 +314,9 @@ def probe_delivery(producer: Producer, ledger: Ledger, gateway: GatewayEmulator)
 
 def _send_until_taken(producer: Producer, key: str, state: Background, limit: float) -> None:
     deadline = time.monotonic() + limit
-    kwargs: dict[str, Any] = {
-        "account_id": ACCOUNT, "user_id": f"user-{key}", "activity": "Login",
-        "module": "Faults", "event_id": key,
-    }  # fmt: skip
     while True:
         try:
-            producer.track_activity(**kwargs)
+            producer.track_activity(**activity(key))
         except Exception:
             state.failed_attempts += 1
             if time.monotonic() > deadline:

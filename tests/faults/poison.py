@@ -18,7 +18,7 @@ from typing import Any
 from kombu import Connection
 
 from tests.faults.accounting import DEAD_LETTER, DELIVER, Ledger
-from tests.faults.harness import ACCOUNT
+from tests.faults.harness import ACCOUNT, activity
 from worker.app import TotangoCelery
 from worker.client import Producer
 from worker.settings import broker_kind
@@ -84,13 +84,6 @@ def task_headers(name: str, key: str) -> dict[str, Any]:
         "group": None, "retries": 0, "eta": None, "expires": None, "shadow": None,
         "timelimit": [None, None], "argsrepr": "()", "kwargsrepr": "{}", "origin": "faults",
         "ignore_result": True,
-    }  # fmt: skip
-
-
-def activity(key: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "account_id": ACCOUNT, "user_id": f"user-{key}", "activity": "Login",
-        "module": "Faults", "event_id": key, **extra,
     }  # fmt: skip
 
 
