@@ -30,13 +30,15 @@ install: $(STAMP) ## Create .venv and install the locked dependencies
 demo: install ## Run the whole flow: embedded broker, gateway emulator, a real worker
 	$(PY) -m worker demo
 
-lint: install ## ruff (lint + format check) and mypy --strict on worker/
+lint: install ## ruff (lint + format check), mypy --strict on worker/, import layer contracts
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
-test: lint ## Lint, then every test but the fault suite (needs RabbitMQ and Redis on 127.0.0.1)
-	$(call pytest,-m "not faults")
+test: lint ## Lint, then every test but the fault suite, in random order, with the coverage gate
+	rm -f .coverage .coverage.*
+	$(call pytest,-m "not faults" --cov --cov-report=term-missing:skip-covered)
 
 unit: install ## Only the tests that need no broker
 	$(call pytest,-m "not integration and not faults")

@@ -9,7 +9,7 @@ and the project's gateway emulator answering after ``--delay-ms`` (50 ms by defa
 3. ours: N events pre-published through the producer API, then the worker as the README
    recommends for production (``celery -A worker.app worker --loglevel=INFO`` with
    ``TOTANGO_POOL``/``_CONCURRENCY``/``_PREFETCH_MULTIPLIER`` from ``--config``, and
-   ``RECOMMENDED_CONF`` on top until worker/app.py has it); in the first round, then
+   ``RECOMMENDED_CONF`` on top until worker/application.py has it); in the first round, then
    ``--latency-events`` more at ``--latency-rate`` per second for the enqueue-to-answer
    latency;
    Each consumes only ``totango`` (``-Q totango``), as the single-event Deployment does;
@@ -46,11 +46,11 @@ from typing import TYPE_CHECKING, Any
 from bench import load
 from bench.procs import ROOT, BenchError, Emulator, Processes, Worker
 from tests.brokers import broker
-from worker.app import create_app
+from worker.application import create_app
 from worker.client import Producer
+from worker.contract import BATCH_QUEUE, QUEUE
 from worker.events import MAX_BATCH_EVENTS, TRACK_ACTIVITY
 from worker.settings import Settings
-from worker.topology import BATCH_QUEUE, QUEUE
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -65,8 +65,8 @@ RECOMMENDED_PROCESSES = 1
 #: calls in flight.
 RECOMMENDED_BATCH = "threads:8:1"
 
-#: Celery settings the bench applies on top of worker/app.py (through bench.tuned_app), to
-#: measure a proposed change before worker/app.py has it; ``--as-configured`` runs
+#: Celery settings the bench applies on top of worker/application.py (through bench.tuned_app), to
+#: measure a proposed change before worker/application.py has it; ``--as-configured`` runs
 #: worker.app untouched. Empty: the worker runs exactly as configured, task events on.
 RECOMMENDED_CONF: dict[str, Any] = {}
 

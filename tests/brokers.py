@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from worker.topology import BATCH_QUEUE, QUEUE, batch_queue, task_queue
+from worker.contract import BATCH_QUEUE, QUEUE
+from worker.topology import batch_queue, task_queue
 
 if TYPE_CHECKING:
-    from worker.app import TotangoCelery
+    from worker.application import TotangoCelery
 
 RABBITMQ_HOST = os.environ.get("TEST_RABBITMQ_HOST", "127.0.0.1:5672")
 REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1:6379")

@@ -12,9 +12,9 @@ import pytest
 
 from tests.brokers import broker
 from tests.workers import running_worker, worker_env
-from worker.app import TotangoCelery, create_app
+from totango_emulator import GatewayEmulator
+from worker.application import TotangoCelery, create_app
 from worker.client import Producer
-from worker.emulator import GatewayEmulator
 from worker.settings import Settings
 
 BROKERS = ["rabbitmq", "redis"]

@@ -19,12 +19,12 @@ import pytest
 
 from tests.brokers import queue_length
 from tests.workers import running_worker, wait_until
-from worker.app import TotangoCelery
+from totango_emulator import Call, GatewayEmulator
+from worker.application import TotangoCelery
 from worker.client import Producer
+from worker.contract import BATCH_QUEUE, QUEUE
 from worker.deadletter import browse
-from worker.emulator import Call, GatewayEmulator
 from worker.events import MAX_BATCH_EVENTS, TRACK_ACTIVITY, TRACK_BATCH
-from worker.topology import BATCH_QUEUE, QUEUE
 
 pytestmark = pytest.mark.integration
 

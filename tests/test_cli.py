@@ -99,7 +99,7 @@ def test_importing_the_producer_api_starts_nothing() -> None:
         "real = socket.socket.connect\n"
         "socket.socket.connect = lambda self, *a: opened.append(a) or real(self, *a)\n"
         "import worker.client\n"
-        "heavy = ('celery', 'kombu', 'urllib3', 'requests', 'worker.app')\n"
+        "heavy = ('celery', 'kombu', 'urllib3', 'requests', 'worker.app', 'worker.application')\n"
         "loaded = [m for m in heavy if m in sys.modules]\n"
         "assert not loaded, loaded\n"
         "assert not opened, opened\n"

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from tests.brokers import queue_length
-from worker.app import TotangoCelery
+from totango_emulator import GatewayEmulator
+from worker.application import TotangoCelery
 from worker.deadletter import HOSTNAME, browse, publish, replay
-from worker.emulator import GatewayEmulator
 from worker.envelope import Envelope
 from worker.topology import task_queue
 
@@ -250,8 +250,8 @@ def test_redis_dead_letters_a_message_delivered_past_the_delivery_limit(
     with reason delivery_limit instead of being sent; a replay then delivers it."""
     import redis  # noqa: PLC0415  only this test talks to Redis directly
 
+    from worker.contract import DELIVERY_LIMIT  # noqa: PLC0415
     from worker.redeliveries import KEY_PREFIX  # noqa: PLC0415
-    from worker.topology import DELIVERY_LIMIT  # noqa: PLC0415
 
     env = env_for()
     app = app_for(env)

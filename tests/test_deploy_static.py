@@ -345,7 +345,17 @@ def test_dockerignore_sends_only_what_the_image_copies() -> None:
     for keyword, args in dockerfile_instructions():
         if keyword == "COPY" and "--from=" not in args:
             copied.update(word.rstrip("/") for word in args.split()[:-1])
-    assert copied == included == {"requirements.lock", "pyproject.toml", "README.md", "worker"}
+    assert (
+        copied
+        == included
+        == {
+            "requirements.lock",
+            "pyproject.toml",
+            "README.md",
+            "worker",
+            "totango_emulator",
+        }
+    )
     assert "**/__pycache__" in lines
 
 
@@ -379,7 +389,7 @@ def test_compose_has_the_stack_and_a_scalable_worker() -> None:
     for dependency in ("rabbitmq", "gateway"):
         assert worker["depends_on"][dependency]["condition"] == "service_healthy"
     assert services["gateway"]["image"] == worker["image"] == services["flower"]["image"]
-    assert services["gateway"]["command"][:3] == ["python", "-m", "worker.emulator"]
+    assert services["gateway"]["command"][:3] == ["python", "-m", "totango_emulator"]
     gateway = services["gateway"]["command"]
     # The emulator defaults to 127.0.0.1, unreachable from the worker containers.
     assert gateway[gateway.index("--host") + 1] not in {"127.0.0.1", "localhost"}
@@ -690,9 +700,9 @@ def test_worker_deployments_split_the_queues_without_overlap() -> None:
     selectors cannot overlap); and a batch pod holds at most 1,000 events reserved:
     TOTANGO_PREFETCH_MULTIPLIER=1 and concurrency x prefetch x MAX_BATCH_EVENTS <= 1,000,
     as worker/settings.py reads the pod's environment."""
+    from worker.contract import BATCH_QUEUE, QUEUE  # noqa: PLC0415
     from worker.events import MAX_BATCH_EVENTS  # noqa: PLC0415  only these tests need it
     from worker.settings import Settings  # noqa: PLC0415
-    from worker.topology import BATCH_QUEUE, QUEUE  # noqa: PLC0415
 
     assert (QUEUE, BATCH_QUEUE) == ("totango", "totango.batch")
     expected = {WORKER: {QUEUE}, BATCH_WORKER: {BATCH_QUEUE}}
@@ -777,7 +787,7 @@ def test_every_overlay_scales_each_worker_on_its_own_queue() -> None:
     scale-down. The single-event worker keeps at least one replica (on Redis, pending
     retries sit in the unacked hash that KEDA cannot see, and failed batch events are
     retried there); the batch worker scales from zero, with a 300 s cooldown."""
-    from worker.topology import BATCH_QUEUE, QUEUE  # noqa: PLC0415  only these tests need it
+    from worker.contract import BATCH_QUEUE, QUEUE  # noqa: PLC0415  only these tests need it
 
     queues = {WORKER: QUEUE, BATCH_WORKER: BATCH_QUEUE}
     for overlay in OVERLAYS:

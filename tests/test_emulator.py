@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.emulator import PIXEL_GIF, GatewayEmulator
+from totango_emulator import PIXEL_GIF, GatewayEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -301,9 +301,9 @@ def test_many_keep_alive_clients_with_delay() -> None:
 
 
 def test_cli_serves_until_terminated() -> None:
-    """`python -m worker.emulator --port 0` prints its real address, serves, and exits on TERM."""
+    """`python -m totango_emulator --port 0` prints its real address, serves, and exits on TERM."""
     with subprocess.Popen(
-        [sys.executable, "-m", "worker.emulator", "--port", "0", "--delay-ms", "10"],
+        [sys.executable, "-m", "totango_emulator", "--port", "0", "--delay-ms", "10"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,

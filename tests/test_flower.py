@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 
 from tests.workers import stop, tail, wait_until
-from worker.app import TotangoCelery
+from totango_emulator import GatewayEmulator
+from worker.application import TotangoCelery
 from worker.client import Producer
-from worker.emulator import GatewayEmulator
+from worker.contract import BATCH_QUEUE, QUEUE
 from worker.events import TRACK_ACTIVITY, UPDATE_ACCOUNT
-from worker.topology import BATCH_QUEUE, QUEUE
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from worker.emulator import PIXEL_GIF, GatewayEmulator
+from totango_emulator import PIXEL_GIF, GatewayEmulator
 from worker.errors import ConfigError
 from worker.events import Event, track_activity
 from worker.gateway import (
@@ -28,9 +28,7 @@ from worker.gateway import (
     ca_bundle,
     check_gateway,
     pool_size,
-    process_gateway,
     proxy_for,
-    reset_process_gateway,
     tls_context,
 )
 from worker.settings import Settings
@@ -164,16 +162,6 @@ def test_the_pool_holds_every_call_a_process_can_make_so_no_connection_is_discar
     assert client._pool is not None
     assert client._pool.num_connections == concurrency + senders
     assert not [r for r in caplog.records if "discarding" in r.getMessage()]
-
-
-def test_one_gateway_per_process_made_again_after_a_reset(emulator: GatewayEmulator) -> None:
-    settings = settings_for(f"{emulator.url}/pixel.gif")
-    reset_process_gateway()
-    first = process_gateway(settings)
-    assert process_gateway(settings) is first
-    reset_process_gateway()
-    assert process_gateway(settings) is not first
-    reset_process_gateway()
 
 
 # --- TLS ----------------------------------------------------------------------------------

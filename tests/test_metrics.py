@@ -26,11 +26,11 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.workers import tail
-from worker.app import TotangoCelery
+from totango_emulator import GatewayEmulator
+from worker.application import TotangoCelery
 from worker.client import Producer
-from worker.emulator import GatewayEmulator
+from worker.contract import ENQUEUED_AT_HEADER
 from worker.events import TRACK_ACTIVITY, UPDATE_ACCOUNT, UPDATE_USER
-from worker.tasks import ENQUEUED_AT_HEADER
 
 pytestmark = pytest.mark.integration
 

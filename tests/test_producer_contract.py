@@ -26,8 +26,9 @@ from amqp.exceptions import PreconditionFailed
 from celery import Celery
 from kombu import Exchange, Queue
 
-from worker.emulator import Call, GatewayEmulator
-from worker.topology import RABBITMQ_QUEUE_ARGUMENTS, batch_queue, task_queue
+from totango_emulator import Call, GatewayEmulator
+from worker.contract import RABBITMQ_QUEUE_ARGUMENTS
+from worker.topology import batch_queue, task_queue
 
 Env = dict[str, str]
 StartWorker = Callable[..., AbstractContextManager[Popen[bytes]]]

@@ -26,7 +26,7 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.message import Message
 
 from tests.brokers import redis_database
-from worker.app import create_app
+from worker.application import create_app
 from worker.redis_transport import UNPARSEABLE_SUFFIX, Transport
 from worker.settings import Settings
 

@@ -21,13 +21,14 @@ import pytest
 from kombu import Connection
 
 from tests.workers import tail, wait_until
-from worker.app import TotangoCelery
+from totango_emulator import Call, GatewayEmulator
+from worker.application import TotangoCelery
 from worker.client import Producer
+from worker.contract import DEAD_LETTER_QUEUE, EXCHANGE, QUEUE, ROUTING_KEY
 from worker.deadletter import browse
-from worker.emulator import Call, GatewayEmulator
 from worker.envelope import Envelope
 from worker.settings import broker_kind
-from worker.topology import DEAD_LETTER_QUEUE, EXCHANGE, QUEUE, ROUTING_KEY, task_queue
+from worker.topology import task_queue
 
 pytestmark = pytest.mark.integration
 

@@ -19,10 +19,10 @@ import pytest
 
 from tests.conftest import drain_dead_letters
 from tests.sentry_server import SentryServer
+from totango_emulator import GatewayEmulator
 from worker import observability
-from worker.app import TotangoCelery
+from worker.application import TotangoCelery
 from worker.deadletter import HOSTNAME
-from worker.emulator import GatewayEmulator
 from worker.envelope import Envelope
 from worker.events import TRACK_ACTIVITY, UPDATE_ACCOUNT
 from worker.settings import Settings

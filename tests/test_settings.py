@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.app import config
+from worker.application import config
 from worker.errors import ConfigError
 from worker.retry import RetryPolicy
 from worker.settings import REGION_GATEWAYS, Settings, broker_kind, is_loopback
@@ -187,7 +187,6 @@ def test_check_worker_passes_with_a_service_id() -> None:
         ("TOTANGO_PREFETCH_MULTIPLIER", "0"),
         ("TOTANGO_BATCH_SENDERS", "0"),
         ("TOTANGO_BATCH_SENDERS", "many"),
-        ("TOTANGO_DELIVERY_LIMIT", "0"),
         ("TOTANGO_MAX_URL_LENGTH", "100"),
         ("TOTANGO_METRICS_PORT", "-1"),
         ("TOTANGO_CONNECT_TIMEOUT", "0"),

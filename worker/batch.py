@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,26 +18,25 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Task
 
-from worker import events, metrics
-from worker.deadletter import HOSTNAME, PUBLISH_RETRY_POLICY
+from worker import events, metrics, relay
+from worker.contract import ENQUEUED_AT_HEADER, FIRST_ATTEMPT_HEADER, TRACK_BATCH
+from worker.deadletter import PUBLISH_RETRY_POLICY, dead_letter
 from worker.envelope import Envelope, now_iso
 from worker.errors import InvalidEvent
 from worker.gateway import Answer
-from worker.retry import RetryPolicy, decide, is_delivered
+from worker.outcome import Outcome
+from worker.retry import WORKER_LOST_RETRY_DELAY
 from worker.settings import Settings
-from worker.tasks import (
-    ENQUEUED_AT_HEADER,
-    FIRST_ATTEMPT_HEADER,
-    WORKER_LOST_RETRY_DELAY,
-    dead_letter,
-    header,
-    send,
-)
 
 if TYPE_CHECKING:
-    from worker.app import TotangoCelery
+    from worker.relay import TotangoCelery
 
 log = logging.getLogger(__name__)
+
+
+def track_batch(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, int]:
+    """``totango.track_batch``: up to ``MAX_BATCH_EVENTS`` events in one message."""
+    return relay_batch(self, args, kwargs)
 
 
 def register(app: TotangoCelery) -> None:
@@ -48,17 +45,13 @@ def register(app: TotangoCelery) -> None:
     # at a time with its senders: room for every round of calls at their timeout.
     rounds = math.ceil(events.MAX_BATCH_EVENTS / senders_for(events.MAX_BATCH_EVENTS, settings))
     app.task(
-        name=events.TRACK_BATCH,
+        name=TRACK_BATCH,
         bind=True,
         max_retries=settings.max_retries,  # spent only by task_retry_on_worker_lost
         default_retry_delay=WORKER_LOST_RETRY_DELAY,
         time_limit=int(rounds * (settings.connect_timeout + settings.read_timeout)) + 30,
         typing=False,  # the arguments are checked by events.batch_items, with a reason
     )(track_batch)
-
-
-def track_batch(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, int]:
-    return relay_batch(self, args, kwargs)
 
 
 @dataclass(frozen=True)
@@ -95,14 +88,17 @@ def relay_batch(
     settings = app.settings
     request = task.request
     batch_id = str(request.id)
-    first_attempt_at = header(request, FIRST_ATTEMPT_HEADER) or now_iso()
-    metrics.record_queue_wait(header(request, ENQUEUED_AT_HEADER))
+    first_attempt_at = relay.header(request, FIRST_ATTEMPT_HEADER) or now_iso()
+    metrics.record_queue_wait(relay.header(request, ENQUEUED_AT_HEADER))
     try:
         items = items_of(kwargs, args, batch_id)
     except InvalidEvent as exc:
         # The whole message, as it came: nothing in it is lost, and it can be inspected.
-        dead_letter(app, _envelope(exc.code, batch_id, events.TRACK_BATCH, kwargs, str(exc)))
-        return {"dead_lettered": 1}
+        envelope = Envelope.invalid(
+            exc.code, str(exc), event_id=batch_id, task=TRACK_BATCH, kwargs=kwargs, task_id=batch_id
+        )
+        dead_letter(app, envelope, settings)
+        return {relay.DEAD_LETTERED: 1}
 
     valid: list[tuple[Item, events.Event]] = []
     invalid: list[tuple[Item, InvalidEvent]] = []
@@ -119,23 +115,31 @@ def relay_batch(
         else:
             valid.append((item, event))
 
-    sending = _Sending(process_executor(settings.batch_senders), settings, valid)
+    sending = _Sending(app, valid)
     # Dead letters are published while the valid events are in flight.
     for item, problem in invalid:
         excerpt = f"{problem} (batch {batch_id}, index {item.index})"
-        dead_letter(app, _envelope(problem.code, item.event_id, item.task, item.kwargs, excerpt))
+        envelope = Envelope.invalid(
+            problem.code,
+            excerpt,
+            event_id=item.event_id,
+            task=item.task,
+            kwargs=item.kwargs,
+            task_id=item.event_id,
+        )
+        dead_letter(app, envelope, settings)
 
-    counts = {"delivered": 0, "retrying": 0, "dead_lettered": len(invalid)}
-    batch = _Batch(app, settings.retry_policy, batch_id, first_attempt_at)
+    counts = {relay.DELIVERED: 0, relay.RETRYING: 0, relay.DEAD_LETTERED: len(invalid)}
+    settle = _Settle(app, batch_id, first_attempt_at)
     for (item, event), answer in zip(valid, sending.answers(), strict=True):
-        counts[batch.settle(item, event, answer)] += 1
+        counts[settle(item, event, answer)] += 1
     log.info(
         "batch task_id=%s events=%d delivered=%d retrying=%d dead_lettered=%d",
         batch_id,
         len(items),
-        counts["delivered"],
-        counts["retrying"],
-        counts["dead_lettered"],
+        counts[relay.DELIVERED],
+        counts[relay.RETRYING],
+        counts[relay.DEAD_LETTERED],
     )
     return counts
 
@@ -154,22 +158,26 @@ def senders_for(events_in_batch: int, settings: Settings) -> int:
     return max(1, min(events_in_batch, settings.batch_senders, planned))
 
 
+def new_executor(settings: Settings) -> ThreadPoolExecutor:
+    """The senders of one process, shared by its batches so that the calls in flight stay
+    within the HTTP pool (``TOTANGO_BATCH_SENDERS``)."""
+    return ThreadPoolExecutor(
+        max_workers=settings.batch_senders, thread_name_prefix="totango-batch"
+    )
+
+
 class _Sending:
     """A batch's events in flight: a few senders on the process's executor, each taking
     the next unsent event until none is left (``senders_for``)."""
 
-    def __init__(
-        self,
-        executor: ThreadPoolExecutor,
-        settings: Settings,
-        valid: list[tuple[Item, events.Event]],
-    ) -> None:
+    def __init__(self, app: TotangoCelery, valid: list[tuple[Item, events.Event]]) -> None:
+        self._app = app
         self._events = [event for _, event in valid]
-        self._settings = settings
         self._results: list[Answer | Exception | None] = [None] * len(self._events)
         # deque.popleft is atomic (thread-safe): each index goes to exactly one sender.
         self._todo = deque(range(len(self._events)))
-        senders = senders_for(len(self._events), settings) if self._events else 0
+        senders = senders_for(len(self._events), app.settings) if self._events else 0
+        executor = app.batch_executor.get()
         self._senders = [executor.submit(self._run) for _ in range(senders)]
 
     def _run(self) -> None:
@@ -179,7 +187,7 @@ class _Sending:
             except IndexError:
                 return
             try:
-                self._results[index] = send(self._settings, self._events[index])
+                self._results[index] = relay.send(self._app, self._events[index])
             except Exception as exc:  # noqa: BLE001  one event's bug is that event's outcome
                 self._results[index] = exc
 
@@ -194,90 +202,56 @@ class _Sending:
 
 
 @dataclass(frozen=True)
-class _Batch:
+class _Settle:
     app: TotangoCelery
-    policy: RetryPolicy
     batch_id: str
     first_attempt_at: str
 
-    def settle(self, item: Item, event: events.Event, answer: Answer | Exception) -> str:
+    def __call__(self, item: Item, event: events.Event, answer: Answer | Exception) -> str:
         """One event's outcome; a re-enqueue or dead letter is published before it returns."""
-        app, first_attempt_at = self.app, self.first_attempt_at
-        who = f"event_id={item.event_id} account={event.account_id} task={item.task}"
-        who += f" batch={self.batch_id}"
         if isinstance(answer, Exception):  # one event's bug must not re-send its neighbours
-            exc = answer
-            log.error("unexpected error sending %s", who, exc_info=exc)
-            reason = f"error:{type(exc).__name__}"
-            dead_letter(app, _envelope(reason, item.event_id, item.task, item.kwargs, repr(exc)))
-            return "dead_lettered"
-        if is_delivered(answer.status):
-            metrics.record_delivered(item.task)
-            log.debug("delivered %s attempt=1", who)
-            return "delivered"
-        decision = decide(answer.status, 0, self.policy, answer.retry_after)
-        if not decision.retry:  # TOTANGO_MAX_RETRIES=0: the first failure is the last
-            envelope = Envelope(
-                reason=decision.reason,
+            log.error(
+                "unexpected error sending event_id=%s task=%s batch=%s",
+                item.event_id,
+                item.task,
+                self.batch_id,
+                exc_info=answer,
+            )
+            envelope = Envelope.failed(
+                f"error:{type(answer).__name__}",
                 event_id=item.event_id,
                 task=item.task,
                 kwargs=item.kwargs,
-                attempts=1,
-                worker_host=HOSTNAME,
-                first_attempt_at=first_attempt_at,
-                last_attempt_at=now_iso(),
-                last_status=answer.status,
-                last_excerpt=answer.excerpt,
+                attempts=0,
+                excerpt=repr(answer),
                 task_id=item.event_id,
             )
-            dead_letter(app, envelope)
-            return "dead_lettered"
-        metrics.RETRIED.labels(task=item.task, reason=answer.status).inc()
-        log.info(
-            "retrying %s attempt=1 status=%s next_delay=%.1fs", who, answer.status, decision.delay
-        )
-        # As Task.retry would: the same task id and event id, retries=1 so the single-event task
-        # spends the rest of the normal budget; published with confirms on RabbitMQ.
-        app.send_task(
-            item.task,
+            dead_letter(self.app, envelope, self.app.settings)
+            return relay.DEAD_LETTERED
+        attempt = relay.Attempt(
+            task=item.task,
+            event_id=item.event_id,
+            account_id=event.account_id,
             kwargs=item.kwargs,
             task_id=item.event_id,
-            countdown=decision.delay,
+            number=1,
+            first_attempt_at=self.first_attempt_at,
+            started_at=0.0,
+            context=f" batch={self.batch_id}",
+            delivered_log_level=logging.DEBUG,
+        )
+        return relay.settle(self.app, attempt, answer, self._reenqueue)
+
+    def _reenqueue(self, attempt: relay.Attempt, _answer: Answer, outcome: Outcome) -> None:
+        # As Task.retry would: the same task id and event id, retries=1 so the single-event task
+        # spends the rest of the normal budget; published with confirms on RabbitMQ.
+        self.app.send_task(
+            attempt.task,
+            kwargs=attempt.kwargs,
+            task_id=attempt.event_id,
+            countdown=outcome.delay,
             retries=1,
-            headers={FIRST_ATTEMPT_HEADER: first_attempt_at},
+            headers={FIRST_ATTEMPT_HEADER: attempt.first_attempt},
             retry=True,
             retry_policy=PUBLISH_RETRY_POLICY,
         )
-        return "retrying"
-
-
-def _envelope(
-    reason: str, event_id: str, task: str, kwargs: dict[str, Any], excerpt: str
-) -> Envelope:
-    """A dead letter that was never sent: replaying it enqueues ``task`` with ``kwargs``."""
-    return Envelope(
-        reason=reason,
-        event_id=event_id,
-        task=task,
-        kwargs=kwargs,
-        attempts=0,
-        worker_host=HOSTNAME,
-        last_excerpt=excerpt[:200],
-        task_id=event_id,
-    )
-
-
-_executor_lock = threading.Lock()
-_executor: ThreadPoolExecutor | None = None
-_executor_pid = 0
-
-
-def process_executor(size: int) -> ThreadPoolExecutor:
-    """The senders of this process, shared by its batches so that the calls in flight stay
-    within the HTTP pool (``TOTANGO_BATCH_SENDERS``); made again after a fork."""
-    global _executor, _executor_pid  # noqa: PLW0603  one executor per process is the point
-    with _executor_lock:
-        if _executor is None or _executor_pid != os.getpid():
-            _executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="totango-batch")
-            _executor_pid = os.getpid()
-        return _executor

@@ -93,7 +93,7 @@ def _dead_letter_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def dead_letters(args: argparse.Namespace) -> int:
-    from worker.app import create_app  # noqa: PLC0415  Celery only for commands that need it
+    from worker.application import create_app  # noqa: PLC0415  Celery only for commands that need it
 
     app = create_app(Settings.from_env())
     try:

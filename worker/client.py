@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from worker import events
+from worker.contract import ENQUEUED_AT_HEADER
 from worker.settings import Settings
 
 if TYPE_CHECKING:
-    from worker.app import TotangoCelery
+    from worker.relay import TotangoCelery
 
 #: Producers may leave ``service_id`` out so that the worker's default applies; validation
 #: still needs one to check the rest of the event against.
@@ -62,7 +63,7 @@ class Producer:
     def app(self) -> TotangoCelery:
         with self._lock:
             if self._app is None:
-                from worker.app import create_app  # noqa: PLC0415  no Celery until first use
+                from worker.application import create_app  # noqa: PLC0415  no Celery until first use
 
                 self._app = create_app(self.settings)
             return self._app
@@ -82,8 +83,6 @@ class Producer:
         return Prepared(self, task, args)
 
     def enqueue(self, prepared: Prepared) -> str:
-        from worker.tasks import ENQUEUED_AT_HEADER  # noqa: PLC0415  no Celery until first use
-
         self.app.send_task(
             prepared.task,
             kwargs=prepared.kwargs,
@@ -99,8 +98,6 @@ class Producer:
         The worker sends a batch's events concurrently, and retries or dead-letters each
         failed or invalid one on its own, so a batch is no weaker than single events.
         """
-        from worker.tasks import ENQUEUED_AT_HEADER  # noqa: PLC0415  no Celery until first use
-
         items = list(prepared)
         for start in range(0, len(items), events.MAX_BATCH_EVENTS):
             chunk = items[start : start + events.MAX_BATCH_EVENTS]

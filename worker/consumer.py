@@ -16,8 +16,8 @@ from celery import bootsteps
 from celery.worker.consumer import Consumer
 from celery.worker.consumer.delayed_delivery import DelayedDelivery
 
-from worker.deadletter import HOSTNAME
-from worker.envelope import Envelope, raw_body_fields
+from worker.deadletter import dead_letter
+from worker.envelope import Envelope
 from worker.settings import broker_kind
 from worker.topology import batch_queue, dead_letter_queue, task_queue
 
@@ -83,29 +83,16 @@ class RelayConsumer(Consumer):
         self._dead_letter(message, "undecodable", exc)
 
     def _dead_letter(self, message: Any, reason: str, exc: Exception | None) -> None:
-        headers = message.headers if isinstance(message.headers, dict) else {}
-        task = headers.get("task") if isinstance(headers.get("task"), str) else None
-        kwargs = None
-        if reason == "unknown_task":
-            kwargs = _kwargs(message)
-        raw, encoding = (None, None) if kwargs is not None else raw_body_fields(message.body)
-        envelope = Envelope(
-            reason=reason,
-            event_id=(kwargs or {}).get("event_id") or headers.get("id"),
-            task=task,
-            kwargs=kwargs,
-            attempts=0,
-            worker_host=HOSTNAME,
-            raw_body=raw,
-            raw_body_encoding=encoding,
+        envelope = Envelope.unreadable(
+            reason,
+            headers=message.headers if isinstance(message.headers, dict) else {},
+            kwargs=_kwargs(message) if reason == "unknown_task" else None,
+            body=message.body,
             content_type=message.content_type,
-            task_id=headers.get("id") if isinstance(headers.get("id"), str) else None,
-            last_excerpt=repr(exc)[:200] if exc else "",
+            excerpt=repr(exc) if exc else "",
         )
         try:
-            from worker.tasks import dead_letter  # noqa: PLC0415  avoids an import cycle
-
-            dead_letter(self.app, envelope)  # type: ignore[arg-type]
+            dead_letter(self.app, envelope, self.app.settings)  # type: ignore[attr-defined]
         except Exception:
             # The broker is unreachable or refused the envelope: put the message back rather
             # than drop it. It will be dead-lettered when the broker answers again.

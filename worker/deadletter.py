@@ -1,4 +1,5 @@
-"""The dead-letter queue: publish an envelope, and browse, replay and purge what is there.
+"""The dead-letter queue: dead-letter an event (publish, count, alert once), and browse,
+replay and purge what is there.
 
 Publishing goes through the app's producer pool, which has publisher confirms on RabbitMQ,
 so an envelope is on the broker before the original message is acknowledged.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,16 +16,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from worker.envelope import Envelope, raw_body_fields
-from worker.settings import broker_kind
+from worker import metrics, observability
+from worker.contract import EVENT_ID_HEADER, REASON_HEADER
+from worker.envelope import HOSTNAME, Envelope, raw_body_fields
+from worker.settings import Settings, broker_kind
 from worker.topology import dead_letter_queue
 
 if TYPE_CHECKING:
     from celery import Celery
 
-log = logging.getLogger(__name__)
+__all__ = ["HOSTNAME", "browse", "dead_letter", "publish", "purge", "replay"]
 
-HOSTNAME = socket.gethostname()
+log = logging.getLogger(__name__)
 
 #: Publishing a dead letter is retried on a broken connection: failing here would leave the
 #: original unacknowledged, which is safe, but it would come back and fail again.
@@ -35,6 +37,14 @@ PUBLISH_RETRY_POLICY = {
     "interval_step": 0.5,
     "interval_max": 2.0,
 }
+
+
+def dead_letter(app: Celery, envelope: Envelope, settings: Settings) -> None:
+    """The end of an event that will not be delivered: the envelope is published (and
+    confirmed), counted, and alerted once."""
+    publish(app, envelope)
+    metrics.record_dead_lettered(envelope.task or "unknown", envelope.reason)
+    observability.alert_dead_letter(envelope, settings)
 
 
 def publish(app: Celery, envelope: Envelope) -> None:
@@ -63,7 +73,7 @@ def publish(app: Celery, envelope: Envelope) -> None:
 
 
 def _headers(envelope: Envelope) -> dict[str, Any]:
-    return {"totango_reason": envelope.reason, "totango_event_id": envelope.event_id or ""}
+    return {REASON_HEADER: envelope.reason, EVENT_ID_HEADER: envelope.event_id or ""}
 
 
 # --- reading the queue ------------------------------------------------------------------

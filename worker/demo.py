@@ -15,10 +15,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from worker.app import create_app
+from totango_emulator import GatewayEmulator
+from worker.application import create_app
 from worker.client import Producer
 from worker.deadletter import browse
-from worker.emulator import GatewayEmulator
 from worker.errors import InvalidEvent
 from worker.events import TRACK_ACTIVITY, UPDATE_ACCOUNT, UPDATE_USER
 from worker.settings import Settings

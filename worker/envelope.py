@@ -1,24 +1,34 @@
-"""PURE: the dead-letter envelope, the record of one event that will not be delivered.
-
-Reason codes (documented in the README):
-- ``invalid:<field>``: the event can never be valid; it was never sent;
-- ``exhausted:<status>``: the retries ran out; the status of the last attempt (``503``,
-  ``timeout``, ``connection_error``);
-- ``undecodable``: the message body could not be decoded as JSON;
-- ``unknown_task``: the message names a task this worker does not have;
-- ``worker_lost``: the worker process died on this message every time it took it;
-- ``delivery_limit``: RabbitMQ dead-lettered it after ``DELIVERY_LIMIT`` deliveries.
-"""
+"""PURE: the dead-letter envelope, the record of one event that will not be delivered,
+with one named constructor per family of reasons (``REASONS``, the README's table)."""
 
 from __future__ import annotations
 
 import base64
+import socket
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 ENVELOPE_VERSION = 1
+HOSTNAME = socket.gethostname()
+
+#: Every reason code, by family, as the README's dead-letter table lists them.
+REASONS: dict[str, str] = {
+    "invalid:<field>": "the event can never be valid as it stands; it was never sent",
+    "exhausted:<status>": "the retries ran out; the status of the last attempt",
+    "undecodable": "the body could not be decoded as a JSON task message",
+    "unknown_task": "the message names a task this worker does not have",
+    "worker_lost": "the worker process died on this message until the retry budget was spent",
+    "time_limit": "the task passed its hard time limit",
+    "error:<exception>": "a bug in the worker's own code, on this event only",
+    "delivery_limit": "delivered DELIVERY_LIMIT times without an outcome",
+    "broker:<reason>": "RabbitMQ dead-lettered the raw message for another reason",
+}
+
+
+#: How much of an error or an answer's body an envelope keeps.
+EXCERPT_LENGTH = 200
 
 
 def now_iso() -> str:
@@ -58,6 +68,116 @@ class Envelope:
     def from_dict(cls, data: dict[str, Any]) -> Envelope:
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    # --- one constructor per family of reasons -------------------------------------------
+
+    @classmethod
+    def invalid(
+        cls,
+        code: str,
+        message: str,
+        *,
+        event_id: str | None,
+        task: str | None,
+        kwargs: dict[str, Any] | None,
+        task_id: str | None,
+    ) -> Envelope:
+        """``invalid:<field>``: never sent, so no attempt; replaying enqueues ``task``."""
+        return cls(
+            reason=code,
+            event_id=event_id,
+            task=task,
+            kwargs=kwargs,
+            attempts=0,
+            worker_host=HOSTNAME,
+            last_excerpt=message[:EXCERPT_LENGTH],
+            task_id=task_id,
+        )
+
+    @classmethod
+    def exhausted(
+        cls,
+        reason: str,
+        *,
+        event_id: str,
+        task: str,
+        kwargs: dict[str, Any],
+        attempts: int,
+        first_attempt_at: str,
+        last_status: str,
+        last_excerpt: str,
+        task_id: str | None,
+    ) -> Envelope:
+        """``exhausted:<status>``: the gateway's last answer was not 200, and no retry is left."""
+        return cls(
+            reason=reason,
+            event_id=event_id,
+            task=task,
+            kwargs=kwargs,
+            attempts=attempts,
+            worker_host=HOSTNAME,
+            first_attempt_at=first_attempt_at,
+            last_attempt_at=now_iso(),
+            last_status=last_status,
+            last_excerpt=last_excerpt,
+            task_id=task_id,
+        )
+
+    @classmethod
+    def failed(
+        cls,
+        reason: str,
+        *,
+        event_id: str | None,
+        task: str,
+        kwargs: dict[str, Any] | None,
+        attempts: int,
+        excerpt: str,
+        task_id: str | None,
+    ) -> Envelope:
+        """The task itself failed: ``worker_lost``, ``time_limit``, ``error:<exception>``,
+        ``delivery_limit``."""
+        return cls(
+            reason=reason,
+            event_id=event_id,
+            task=task,
+            kwargs=kwargs,
+            attempts=attempts,
+            worker_host=HOSTNAME,
+            last_attempt_at=now_iso(),
+            last_excerpt=excerpt[:EXCERPT_LENGTH],
+            task_id=task_id,
+        )
+
+    @classmethod
+    def unreadable(
+        cls,
+        reason: str,
+        *,
+        headers: dict[str, Any],
+        kwargs: dict[str, Any] | None,
+        body: bytes | str | None,
+        content_type: str | None,
+        excerpt: str,
+    ) -> Envelope:
+        """``undecodable`` or ``unknown_task``: a message that never became an event. Its
+        body is kept whole (raw) unless its arguments could be read."""
+        task = headers.get("task") if isinstance(headers.get("task"), str) else None
+        task_id = headers.get("id") if isinstance(headers.get("id"), str) else None
+        raw, encoding = (None, None) if kwargs is not None else raw_body_fields(body)
+        return cls(
+            reason=reason,
+            event_id=event_id_of(kwargs, task_id),
+            task=task,
+            kwargs=kwargs,
+            attempts=0,
+            worker_host=HOSTNAME,
+            raw_body=raw,
+            raw_body_encoding=encoding,
+            content_type=content_type,
+            task_id=task_id,
+            last_excerpt=excerpt[:EXCERPT_LENGTH],
+        )
 
     @property
     def replayable(self) -> bool:

@@ -16,13 +16,22 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
+from worker.contract import TRACK_ACTIVITY, TRACK_BATCH, UPDATE_ACCOUNT, UPDATE_USER
 from worker.errors import InvalidEvent
 
-TRACK_ACTIVITY = "totango.track_activity"
-UPDATE_ACCOUNT = "totango.update_account"
-UPDATE_USER = "totango.update_user"
-#: One message carrying many events (the batch path, ``worker/batch.py``); never nested.
-TRACK_BATCH = "totango.track_batch"
+__all__ = [
+    "TRACK_ACTIVITY",
+    "TRACK_BATCH",
+    "UPDATE_ACCOUNT",
+    "UPDATE_USER",
+    "Event",
+    "batch_items",
+    "encode",
+    "from_message",
+    "track_activity",
+    "update_account",
+    "update_user",
+]
 
 #: Limits on sizes. The gateway takes one event per HTTP call; these keep a call well inside
 #: what proxies accept for a form body and stop one bad payload from hogging a worker.

@@ -8,7 +8,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import ssl
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ class Answer:
 
 def pool_size(concurrency: int, batch_senders: int) -> int:
     """Connections one process can have in flight at once: one per Celery pool slot for
-    single-event tasks, plus one per batch sender (``batch.process_executor`` has
+    single-event tasks, plus one per batch sender (``batch.new_executor`` has
     ``batch_senders`` threads). Sized to that bound, the pool never has to open a connection
     it cannot keep, so none is closed after one call (urllib3's "pool is full, discarding
     connection") and no call waits for a free one."""
@@ -244,28 +243,3 @@ def check_gateway(settings: Settings, env: Mapping[str, str] | None = None) -> N
     except OSError as exc:  # ssl.SSLError too: a CA bundle that cannot be read or parsed
         variable = _ca_bundle_variable(env) or "the CA bundle"
         raise ConfigError(variable, f"cannot be loaded ({exc})") from None
-
-
-_local_lock = threading.Lock()
-_gateway: Gateway | None = None
-_gateway_pid = 0
-
-
-def process_gateway(settings: Settings) -> Gateway:
-    """The gateway of this process, created after a fork so no pool is shared across it."""
-    global _gateway, _gateway_pid  # noqa: PLW0603  one pool per process is the point
-    gateway, pid = _gateway, os.getpid()
-    if gateway is not None and _gateway_pid == pid:  # every call after the first: no lock
-        return gateway
-    with _local_lock:
-        if _gateway is None or _gateway_pid != pid:
-            _gateway = Gateway(settings)
-            _gateway_pid = pid
-        return _gateway
-
-
-def reset_process_gateway() -> None:
-    """Drop the pool after a fork, so that the child makes its own."""
-    global _gateway  # noqa: PLW0603  one pool per process is the point
-    with _local_lock:
-        _gateway = None

@@ -92,27 +92,6 @@ def metrics() -> Metrics:
         return _metrics
 
 
-# The names tasks.py uses; resolved on first access by the module __getattr__ below.
-DELIVERED: Counter
-RETRIED: Counter
-DEAD_LETTERED: Counter
-LATENCY: Histogram
-RESPONSES: Counter
-IN_FLIGHT: Gauge
-QUEUE_WAIT: Histogram
-
-
-_LAZY_NAMES = frozenset(
-    {"DELIVERED", "RETRIED", "DEAD_LETTERED", "LATENCY", "RESPONSES", "IN_FLIGHT", "QUEUE_WAIT"}
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_NAMES:
-        return getattr(metrics(), name.lower())
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @contextmanager
 def gateway_call() -> Iterator[None]:
     in_flight = metrics().in_flight
@@ -142,6 +121,14 @@ def record_answer(status: str, method: str, elapsed: float) -> None:
 
 def record_delivered(task: str) -> None:
     _child("delivered", task).inc()
+
+
+def record_retried(task: str, reason: str) -> None:
+    metrics().retried.labels(task=task, reason=reason).inc()
+
+
+def record_dead_lettered(task: str, reason: str) -> None:
+    metrics().dead_lettered.labels(task=task, reason=reason).inc()
 
 
 def record_queue_wait(enqueued_at: Any) -> None:

@@ -3,21 +3,22 @@
 On RabbitMQ the quorum queue's ``x-delivery-limit`` dead-letters a message that kills the
 whole worker every time it is taken. On Redis such a message would come back after every
 ``visibility_timeout`` forever, so each delivery of a message (task id and retry number) is
-counted in Redis, and past ``DELIVERY_LIMIT`` it goes to the dead-letter queue instead.
+counted in Redis, and past ``contract.DELIVERY_LIMIT`` it goes to the dead-letter queue instead.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 import redis
 
+from worker.process_local import PerProcess
+
 log = logging.getLogger(__name__)
-_lock = threading.Lock()
-_client: redis.Redis | None = None
-_client_key: tuple[int, str] | None = None
+#: One client per broker URL in each process (made again after a fork).
+_clients: PerProcess[dict[str, redis.Redis]] = PerProcess(dict)
+_clients_lock = threading.Lock()
 
 KEY_PREFIX = "totango-worker:deliveries:"
 
@@ -43,10 +44,11 @@ def count_delivery(broker_url: str, task_id: str, retries: int, ttl: float) -> i
 
 
 def _redis(broker_url: str) -> redis.Redis:
-    global _client, _client_key  # noqa: PLW0603  one client per process, made after a fork
-    key = (os.getpid(), broker_url)
-    with _lock:
-        if _client is None or _client_key != key:
-            _client = redis.Redis.from_url(broker_url, socket_timeout=10)
-            _client_key = key
-        return _client
+    clients = _clients.get()
+    client = clients.get(broker_url)
+    if client is None:
+        with _clients_lock:
+            client = clients.setdefault(
+                broker_url, redis.Redis.from_url(broker_url, socket_timeout=10)
+            )
+    return client

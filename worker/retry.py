@@ -16,6 +16,9 @@ from email.utils import parsedate_to_datetime
 #: Totango documents one success answer. Anything else (another 2xx, a 3xx that we do not
 #: follow, a 4xx, a 5xx), a timeout and a connection error are all retried.
 SUCCESS_STATUS = "200"
+#: Seconds before a task whose pool process died is tried again (Celery's
+#: ``task_retry_on_worker_lost`` uses the task's ``default_retry_delay``, 180 s by default).
+WORKER_LOST_RETRY_DELAY = 5
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from urllib.parse import urlsplit
 
 from worker.errors import ConfigError
+from worker.events import SERVICE_ID_RE
 from worker.retry import RetryPolicy
 
 #: The documented collection hosts. Sending to the wrong region loses data silently, so the
@@ -23,9 +24,6 @@ REGION_GATEWAYS = {
     "us": "https://sdr.totango.com/pixel.gif",
     "eu": "https://sdr-eu1.totango.com/pixel.gif",
 }
-
-#: Matched with ``fullmatch`` and ASCII digits: ``$`` would let a trailing newline through.
-SERVICE_ID_RE = re.compile(r"SP-[0-9]+-[0-9]+")
 
 #: RabbitMQ's default ``consumer_timeout`` (30 minutes). A delayed retry held by a consumer
 #: for longer makes the broker close the channel with PRECONDITION_FAILED.
@@ -46,13 +44,13 @@ class Settings:
     read_timeout: float = 10.0
     http_method: str = "GET"
     max_url_length: int = 8000
-    max_retries: int = 8
-    retry_backoff_base: float = 1.0
-    retry_backoff_max: float = 300.0
-    retry_after_max: float = 600.0
+    #: The retry defaults are the policy's own (worker/retry.py), stated once.
+    max_retries: int = RetryPolicy.max_retries
+    retry_backoff_base: float = RetryPolicy.backoff_base
+    retry_backoff_max: float = RetryPolicy.backoff_max
+    retry_after_max: float = RetryPolicy.retry_after_max
     visibility_timeout: float = 3600.0
     rabbitmq_consumer_timeout: float = RABBITMQ_DEFAULT_CONSUMER_TIMEOUT
-    delivery_limit: int = 5
     pool: str = "threads"
     concurrency: int = 64
     prefetch_multiplier: int = 2
@@ -74,7 +72,7 @@ class Settings:
 
     @property
     def broker_kind(self) -> str:
-        """``rabbitmq``, ``redis`` or ``embedded`` (the demo's SQLite transport)."""
+        """``rabbitmq``, ``redis`` or ``embedded`` (the demo's filesystem transport)."""
         return broker_kind(self.broker_url)
 
     @classmethod
@@ -117,7 +115,6 @@ class Settings:
             rabbitmq_consumer_timeout=_float(
                 e, "TOTANGO_RABBITMQ_CONSUMER_TIMEOUT", d.rabbitmq_consumer_timeout, low=1
             ),
-            delivery_limit=_int(e, "TOTANGO_DELIVERY_LIMIT", d.delivery_limit, low=1),
             pool=pool,
             concurrency=_int(e, "TOTANGO_CONCURRENCY", d.concurrency, low=1),
             prefetch_multiplier=_int(e, "TOTANGO_PREFETCH_MULTIPLIER", d.prefetch_multiplier, 1),
@@ -144,7 +141,7 @@ class Settings:
         """The longest countdown a retry can get: the backoff cap or the Retry-After cap."""
         return max(self.retry_backoff_max, self.retry_after_max)
 
-    @property
+    @cached_property
     def retry_policy(self) -> RetryPolicy:
         """The retry policy these settings make, for single events and batches alike."""
         return RetryPolicy(

@@ -1,30 +1,26 @@
-"""The broker topology that producers and workers share: exchanges, queues and their arguments.
+"""The broker topology as kombu declarations: exchanges and queues, built from the names
+and arguments in ``worker.contract``.
 
-This is part of the public message contract. A producer that declares ``totango`` must
-declare it with exactly these arguments, or RabbitMQ answers PRECONDITION_FAILED.
+A producer that declares ``totango`` must declare it with exactly these arguments, or
+RabbitMQ answers PRECONDITION_FAILED.
 """
 
 from __future__ import annotations
 
 from kombu import Exchange, Queue
 
-QUEUE = "totango"
-EXCHANGE = "totango"
-ROUTING_KEY = "totango"
-#: ``totango.track_batch`` messages have a queue of their own, consumed by workers started
-#: with ``-Q totango.batch`` and a low prefetch: a batch message carries up to 100 events,
-#: so a prefetch sized for single events would let one pod reserve tens of thousands.
-BATCH_QUEUE = "totango.batch"
-BATCH_ROUTING_KEY = "totango.batch"
-DEAD_LETTER_QUEUE = "totango.dead_letter"
-DEAD_LETTER_EXCHANGE = "totango.dlx"
-DEAD_LETTER_ROUTING_KEY = "totango.dead_letter"
-
-#: How many times RabbitMQ hands out one message before it dead-letters it. A message that
-#: kills the worker every time it is taken reaches the dead-letter queue after this many
-#: deliveries instead of cycling forever. Fixed, because it is a queue argument: changing it
-#: makes every producer's declaration fail. An operator policy can still override it.
-DELIVERY_LIMIT = 5
+from worker.contract import (
+    BATCH_QUEUE,
+    BATCH_ROUTING_KEY,
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    DEAD_LETTER_ROUTING_KEY,
+    EXCHANGE,
+    QUEUE,
+    RABBITMQ_DEAD_LETTER_ARGUMENTS,
+    RABBITMQ_QUEUE_ARGUMENTS,
+    ROUTING_KEY,
+)
 
 #: On RabbitMQ a topic exchange, not direct: Celery's native delayed delivery for quorum
 #: queues (used for retry countdowns) routes only through topic exchanges.
@@ -42,14 +38,6 @@ def exchange_for(broker_kind: str) -> Exchange:
     return exchange if broker_kind == "rabbitmq" else default_exchange
 
 
-RABBITMQ_QUEUE_ARGUMENTS: dict[str, object] = {
-    "x-queue-type": "quorum",
-    "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
-    "x-dead-letter-routing-key": DEAD_LETTER_ROUTING_KEY,
-    "x-delivery-limit": DELIVERY_LIMIT,
-}
-
-
 def task_queue(broker_kind: str) -> Queue:
     """The main queue. Redis has no queue arguments, so it gets a plain declaration."""
     return _work_queue(QUEUE, ROUTING_KEY, broker_kind)
@@ -62,7 +50,7 @@ def batch_queue(broker_kind: str) -> Queue:
 
 
 def _work_queue(name: str, routing_key: str, broker_kind: str) -> Queue:
-    arguments = RABBITMQ_QUEUE_ARGUMENTS if broker_kind == "rabbitmq" else None
+    arguments = dict(RABBITMQ_QUEUE_ARGUMENTS) if broker_kind == "rabbitmq" else None
     return Queue(
         name,
         exchange_for(broker_kind),
@@ -82,5 +70,5 @@ def dead_letter_queue(broker_kind: str) -> Queue:
         dead_letter_exchange if rabbitmq else default_exchange,
         routing_key=DEAD_LETTER_ROUTING_KEY,
         durable=True,
-        queue_arguments={"x-queue-type": "quorum"} if rabbitmq else None,
+        queue_arguments=dict(RABBITMQ_DEAD_LETTER_ARGUMENTS) if rabbitmq else None,
     )

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from worker.emulator import Call
+from totango_emulator import Call
 from worker.envelope import Envelope
 
 KEY_RE = re.compile(r"fx-[0-9a-f]{8}-[0-9]{5}")

@@ -11,7 +11,7 @@ import pytest
 from tests.brokers import broker
 from tests.faults.accounting import Row, details, table, write_results
 from tests.faults.harness import Run
-from worker.emulator import GatewayEmulator
+from totango_emulator import GatewayEmulator
 
 RESULTS = pytest.StashKey[list[Row]]()
 

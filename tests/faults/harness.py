@@ -20,20 +20,20 @@ from kombu.transport.native_delayed_delivery import MAX_LEVEL, level_name
 from tests.faults.accounting import DELIVER, KEY_RE, Ledger, Row, Tally
 from tests.faults.processes import Worker
 from tests.workers import wait_until, worker_env
-from worker.app import TotangoCelery, create_app
+from totango_emulator import GatewayEmulator
+from worker.application import TotangoCelery, create_app
 from worker.client import Producer
+from worker.contract import BATCH_QUEUE, DEAD_LETTER_QUEUE, QUEUE
 from worker.deadletter import browse
-from worker.emulator import GatewayEmulator
 from worker.events import TRACK_ACTIVITY
 from worker.settings import Settings
-from worker.topology import BATCH_QUEUE, DEAD_LETTER_QUEUE, QUEUE
 
 #: Redis: a reserved message comes back after this long. Short, so that the messages a
 #: killed worker held come back within the run; the retry delays below stay under half.
 VISIBILITY_TIMEOUT = 20.0
 #: kombu looks for expired reservations on a timer (``unacked_restore_interval``, 10 s at
 #: most). Its default ``unacked_restore_throttle`` of 10 scans only every 10th look, which
-#: makes it 100 s: worker/app.py must set the throttle to 1 for this promise to hold.
+#: makes it 100 s: worker/application.py must set the throttle to 1 for this promise to hold.
 RESTORE_SWEEP = 10.0
 #: What the settings promise on Redis: a message held by a dead worker is back and
 #: delivered within this long of the fault. Later than this, it counts as lost.

@@ -19,10 +19,11 @@ from kombu import Connection
 
 from tests.faults.accounting import DEAD_LETTER, DELIVER, Ledger
 from tests.faults.harness import ACCOUNT, activity
-from worker.app import TotangoCelery
+from worker.application import TotangoCelery
 from worker.client import Producer
+from worker.contract import ROUTING_KEY
 from worker.settings import broker_kind
-from worker.topology import ROUTING_KEY, task_queue
+from worker.topology import task_queue
 
 TRACK = "totango.track_activity"
 SERVICE_ID = "SP-1234-56"  # the default service id of tests.workers.worker_env

@@ -28,9 +28,9 @@ from tests.faults.harness import (
 from tests.faults.processes import PrivateRedis
 from tests.faults.proxy import TcpProxy
 from tests.workers import wait_until
+from totango_emulator import GatewayEmulator
 from worker.client import Producer
-from worker.emulator import GatewayEmulator
-from worker.topology import QUEUE
+from worker.contract import QUEUE
 
 pytestmark = pytest.mark.faults
 

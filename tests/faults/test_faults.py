@@ -34,8 +34,8 @@ from tests.faults.harness import (
 )
 from tests.workers import wait_until
 from worker.client import Producer
+from worker.contract import BATCH_QUEUE
 from worker.deadletter import browse
-from worker.topology import BATCH_QUEUE
 
 pytestmark = pytest.mark.faults
 

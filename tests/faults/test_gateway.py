@@ -15,9 +15,9 @@ from tests.faults.harness import (
     assert_nothing_lost,
     send,
 )
+from totango_emulator import GatewayEmulator
 from worker.client import Producer
 from worker.deadletter import replay
-from worker.emulator import GatewayEmulator
 
 pytestmark = pytest.mark.faults
 

@@ -1,0 +1,54 @@
+"""PURE: the message contract that producers and workers share: task names, queue and
+exchange names, the work queues' arguments, and the headers the worker reads.
+
+A producer in any language needs only these names (README, "The message contract");
+``worker.topology`` turns them into kombu declarations.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+TRACK_ACTIVITY: Final = "totango.track_activity"
+UPDATE_ACCOUNT: Final = "totango.update_account"
+UPDATE_USER: Final = "totango.update_user"
+#: One message carrying many events (the batch path, ``worker/batch.py``); never nested.
+TRACK_BATCH: Final = "totango.track_batch"
+
+QUEUE: Final = "totango"
+EXCHANGE: Final = "totango"
+ROUTING_KEY: Final = "totango"
+#: ``totango.track_batch`` messages have a queue of their own, consumed by workers started
+#: with ``-Q totango.batch`` and a low prefetch: a batch message carries up to 100 events,
+#: so a prefetch sized for single events would let one pod reserve tens of thousands.
+BATCH_QUEUE: Final = "totango.batch"
+BATCH_ROUTING_KEY: Final = "totango.batch"
+DEAD_LETTER_QUEUE: Final = "totango.dead_letter"
+DEAD_LETTER_EXCHANGE: Final = "totango.dlx"
+DEAD_LETTER_ROUTING_KEY: Final = "totango.dead_letter"
+
+#: How many times RabbitMQ hands out one message before it dead-letters it. A message that
+#: kills the worker every time it is taken reaches the dead-letter queue after this many
+#: deliveries instead of cycling forever. Fixed, because it is a queue argument: changing it
+#: makes every producer's declaration fail. An operator policy can still override it. On
+#: Redis the worker counts deliveries itself against the same limit (``redeliveries.py``).
+DELIVERY_LIMIT: Final = 5
+
+#: The arguments of ``totango`` and ``totango.batch`` on RabbitMQ. Redis has no queue
+#: arguments.
+RABBITMQ_QUEUE_ARGUMENTS: Final[dict[str, object]] = {
+    "x-queue-type": "quorum",
+    "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+    "x-dead-letter-routing-key": DEAD_LETTER_ROUTING_KEY,
+    "x-delivery-limit": DELIVERY_LIMIT,
+}
+#: The dead-letter queue's arguments on RabbitMQ.
+RABBITMQ_DEAD_LETTER_ARGUMENTS: Final[dict[str, object]] = {"x-queue-type": "quorum"}
+
+#: Message headers. Producers may set ``ENQUEUED_AT_HEADER`` (epoch seconds) for the
+#: queue-wait metric; the worker adds ``FIRST_ATTEMPT_HEADER`` to a retry.
+ENQUEUED_AT_HEADER: Final = "totango_enqueued_at"
+FIRST_ATTEMPT_HEADER: Final = "totango_first_attempt_at"
+#: Headers of a dead letter, so that a broker-side tool can filter without decoding it.
+REASON_HEADER: Final = "totango_reason"
+EVENT_ID_HEADER: Final = "totango_event_id"

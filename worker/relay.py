@@ -1,0 +1,145 @@
+"""What the single-event task and the batch do with one event: send it, then act on the
+one outcome decision (``worker.outcome``): count a delivery, publish a retry, or dead-letter.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+
+from worker import metrics
+from worker.contract import FIRST_ATTEMPT_HEADER
+from worker.deadletter import dead_letter
+from worker.envelope import Envelope, iso_at
+from worker.gateway import Answer, Gateway
+from worker.outcome import Kind, Outcome, decide
+from worker.process_local import PerProcess
+from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.events import Event
+
+log = logging.getLogger("worker.tasks")
+
+
+class TotangoCelery(Celery):
+    """A Celery app that carries the settings it was made from, and this process's
+    gateway connection pool and batch senders (each made again in a forked child).
+    ``worker.application.create_app`` makes it."""
+
+    settings: Settings
+    gateway: PerProcess[Gateway]
+    batch_executor: PerProcess[ThreadPoolExecutor]
+
+
+#: Returned by the tasks and counted by the batch.
+DELIVERED = "delivered"
+RETRYING = "retrying"
+DEAD_LETTERED = "dead_lettered"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt at one event, with what its outcome needs to be logged, retried or
+    dead-lettered."""
+
+    task: str
+    event_id: str
+    account_id: str
+    kwargs: dict[str, Any]
+    task_id: str | None
+    #: 1 for the first attempt.
+    number: int
+    #: The first attempt's time from the retry header; ``None`` on a first attempt.
+    first_attempt_at: str | None
+    started_at: float
+    #: Appended to the log line: `` batch=<id>`` for an event of a batch.
+    context: str = ""
+    #: A batch logs one line for the whole batch, and each delivery at DEBUG only.
+    delivered_log_level: int = logging.INFO
+
+    @property
+    def first_attempt(self) -> str:
+        """Formatted only when a retry or a dead letter needs it, not on a delivery."""
+        return self.first_attempt_at or iso_at(self.started_at)
+
+    @property
+    def who(self) -> str:
+        return f"event_id={self.event_id} account={self.account_id} task={self.task}{self.context}"
+
+
+def current_attempt(task: str, event: Event, kwargs: dict[str, Any], request: Any) -> Attempt:
+    """The attempt a single-event task is making now (``request.retries`` came before)."""
+    return Attempt(
+        task=task,
+        event_id=event.event_id,
+        account_id=event.account_id,
+        kwargs=kwargs,
+        task_id=request.id,
+        number=request.retries + 1,
+        first_attempt_at=header(request, FIRST_ATTEMPT_HEADER),
+        started_at=time.time(),
+    )
+
+
+def send(app: TotangoCelery, event: Event) -> Answer:
+    """One gateway call, counted in flight and by its answer."""
+    with metrics.gateway_call():
+        answer = app.gateway.get().send(event)
+    metrics.record_answer(answer.status, answer.method, answer.elapsed)
+    return answer
+
+
+def settle(
+    app: TotangoCelery,
+    attempt: Attempt,
+    answer: Answer,
+    reschedule: Callable[[Attempt, Answer, Outcome], None],
+) -> str:
+    """Decide on the answer and act on it; ``reschedule`` publishes a retry (the task's
+    ``Task.retry``, or the batch's re-enqueue as a single event)."""
+    outcome = decide(
+        answer.status, attempt.number - 1, app.settings.retry_policy, answer.retry_after
+    )
+    if outcome.kind is Kind.DELIVERED:
+        metrics.record_delivered(attempt.task)
+        log.log(attempt.delivered_log_level, "delivered %s attempt=%d", attempt.who, attempt.number)
+        return DELIVERED
+    if outcome.kind is Kind.RETRY:
+        metrics.record_retried(attempt.task, answer.status)
+        log.info(
+            "retrying %s attempt=%d status=%s next_delay=%.1fs",
+            attempt.who,
+            attempt.number,
+            answer.status,
+            outcome.delay,
+        )
+        reschedule(attempt, answer, outcome)
+        return RETRYING
+    envelope = Envelope.exhausted(
+        str(outcome.reason),
+        event_id=attempt.event_id,
+        task=attempt.task,
+        kwargs=attempt.kwargs,
+        attempts=attempt.number,
+        first_attempt_at=attempt.first_attempt,
+        last_status=answer.status,
+        last_excerpt=answer.excerpt,
+        task_id=attempt.task_id,
+    )
+    dead_letter(app, envelope, app.settings)
+    return DEAD_LETTERED
+
+
+def header(request: Any, name: str) -> Any:
+    """A custom message header: Celery exposes them as request attributes."""
+    value = getattr(request, name, None)
+    if value is None and isinstance(request.headers, dict):
+        value = request.headers.get(name)
+    return value
