@@ -43,7 +43,7 @@ test: lint ## Lint, then every test but the fault suite, in random order, with t
 unit: install ## Only the tests that need no broker
 	$(call pytest,-m "not integration and not faults")
 
-faults: install ## The fault-injection suite: kills, cut brokers, outages, poison (~7 min)
+faults: install ## The fault-injection suite: kills, cut brokers, outages, poison (~6 min)
 	$(call pytest,tests/faults -m faults)
 
 worker: install ## Run a worker with sane defaults (settings from TOTANGO_* variables)

@@ -76,7 +76,7 @@ def config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "worker_consumer": "worker.consumer:RelayConsumer",
         # Flower's task views need them; on Redis they are about a quarter of a single
-        # event's CPU (README, "Throughput"), so a deployment without Flower may turn them off.
+        # event's CPU (docs/benchmarks.md), so a deployment without Flower may turn them off.
         "worker_send_task_events": settings.task_events,
         "task_send_sent_event": False,
         # Celery 5.5 soft shutdown: on SIGTERM, in-flight calls get this long to finish

@@ -94,7 +94,7 @@ class Settings:
             raise ConfigError("TOTANGO_HTTP_METHOD", "must be GET or POST")
         pool = e.get("TOTANGO_POOL", d.pool)
         if pool not in {"threads", "prefork", "solo", "gevent", "eventlet"}:
-            raise ConfigError("TOTANGO_POOL", "must be threads, prefork, solo or gevent")
+            raise ConfigError("TOTANGO_POOL", "must be threads, prefork, solo, gevent or eventlet")
         broker_url = e.get("TOTANGO_BROKER_URL", d.broker_url)
         broker_kind(broker_url)
         settings = cls(
