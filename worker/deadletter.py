@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from worker import metrics, observability
 from worker.contract import EVENT_ID_HEADER, REASON_HEADER
-from worker.envelope import HOSTNAME, Envelope, raw_body_fields
+from worker.envelope import HOSTNAME, Envelope
 from worker.settings import Settings, broker_kind
 from worker.topology import dead_letter_queue
 
@@ -117,21 +116,13 @@ def envelope_of(message: Any) -> Envelope:
     kwargs = None
     if isinstance(body, list | tuple) and len(body) >= 2 and isinstance(body[1], dict):
         kwargs = dict(body[1])
-    raw, encoding = (None, None) if kwargs is not None else raw_body_fields(message.body)
-    task_id = headers.get("id") if isinstance(headers.get("id"), str) else None
-    event_id = (kwargs or {}).get("event_id") or task_id
-    return Envelope(
-        reason="delivery_limit" if reason == "delivery_limit" else f"broker:{reason}",
-        event_id=event_id if isinstance(event_id, str) else None,
-        task=headers.get("task") if isinstance(headers.get("task"), str) else None,
+    return Envelope.from_broker(
+        "delivery_limit" if reason == "delivery_limit" else f"broker:{reason}",
+        headers=headers,
         kwargs=kwargs,
-        attempts=int(headers.get("x-delivery-count") or deaths[0].get("count") or 0),
-        worker_host="broker",
-        raw_body=raw,
-        raw_body_encoding=encoding,
+        body=message.body,
         content_type=message.content_type,
-        task_id=task_id,
-        id=task_id or uuid.uuid4().hex,
+        attempts=int(headers.get("x-delivery-count") or deaths[0].get("count") or 0),
     )
 
 

@@ -179,6 +179,35 @@ class Envelope:
             last_excerpt=excerpt[:EXCERPT_LENGTH],
         )
 
+    @classmethod
+    def from_broker(
+        cls,
+        reason: str,
+        *,
+        headers: dict[str, Any],
+        kwargs: dict[str, Any] | None,
+        body: bytes | str | None,
+        content_type: str | None,
+        attempts: int,
+    ) -> Envelope:
+        """``delivery_limit`` or ``broker:<reason>``: a raw task message that RabbitMQ itself
+        dead-lettered (``x-death``), read back as an envelope; its id is its task id."""
+        task_id = headers.get("id") if isinstance(headers.get("id"), str) else None
+        raw, encoding = (None, None) if kwargs is not None else raw_body_fields(body)
+        return cls(
+            reason=reason,
+            event_id=event_id_of(kwargs, task_id),
+            task=headers.get("task") if isinstance(headers.get("task"), str) else None,
+            kwargs=kwargs,
+            attempts=attempts,
+            worker_host="broker",
+            raw_body=raw,
+            raw_body_encoding=encoding,
+            content_type=content_type,
+            task_id=task_id,
+            id=task_id or uuid.uuid4().hex,
+        )
+
     @property
     def replayable(self) -> bool:
         """Only an envelope that still holds a task and its arguments can be put back."""
