@@ -20,7 +20,7 @@ from celery.signals import task_retry
 
 from totango_emulator import GatewayEmulator
 from worker import signals
-from worker.application import TotangoCelery, create_app
+from worker.application import TotangoCelery
 from worker.contract import (
     FIRST_ATTEMPT_HEADER,
     QUEUE,
@@ -30,18 +30,21 @@ from worker.contract import (
 )
 from worker.deadletter import browse
 from worker.envelope import Envelope
-from worker.settings import Settings
 from worker.topology import task_queue
 
 ACTIVITY = {"account_id": "acme", "user_id": "jo@acme.test", "activity": "Login", "module": "App"}
 
 
 @pytest.fixture
-def make_app(tmp_path: Path, gateway: GatewayEmulator) -> Iterator[Callable[..., TotangoCelery]]:
-    apps: list[TotangoCelery] = []
+def make_app(
+    tmp_path: Path,
+    gateway: GatewayEmulator,
+    app_for: Callable[[dict[str, str]], TotangoCelery],
+) -> Callable[..., TotangoCelery]:
+    """An app on the embedded broker (a folder of its own) and the loopback emulator."""
 
     def make(**extra: str) -> TotangoCelery:
-        folder = tmp_path / f"broker-{len(apps)}"
+        folder = tmp_path / f"broker-{len(list(tmp_path.glob('broker-*')))}"
         (folder / "control").mkdir(parents=True)
         env = {
             "TOTANGO_BROKER_URL": "filesystem://",
@@ -54,13 +57,9 @@ def make_app(tmp_path: Path, gateway: GatewayEmulator) -> Iterator[Callable[...,
             "TOTANGO_METRICS_PORT": "0",
             **extra,
         }
-        app = create_app(Settings.from_env(env))
-        apps.append(app)
-        return app
+        return app_for(env)
 
-    yield make
-    for app in apps:
-        app.close()
+    return make
 
 
 def dead_letters(app: TotangoCelery) -> list[Envelope]:

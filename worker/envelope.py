@@ -162,21 +162,14 @@ class Envelope:
     ) -> Envelope:
         """``undecodable`` or ``unknown_task``: a message that never became an event. Its
         body is kept whole (raw) unless its arguments could be read."""
-        task = headers.get("task") if isinstance(headers.get("task"), str) else None
-        task_id = headers.get("id") if isinstance(headers.get("id"), str) else None
-        raw, encoding = (None, None) if kwargs is not None else raw_body_fields(body)
         return cls(
             reason=reason,
-            event_id=event_id_of(kwargs, task_id),
-            task=task,
             kwargs=kwargs,
             attempts=0,
             worker_host=HOSTNAME,
-            raw_body=raw,
-            raw_body_encoding=encoding,
             content_type=content_type,
-            task_id=task_id,
             last_excerpt=excerpt[:EXCERPT_LENGTH],
+            **_message_fields(headers, kwargs, body),
         )
 
     @classmethod
@@ -192,26 +185,37 @@ class Envelope:
     ) -> Envelope:
         """``delivery_limit`` or ``broker:<reason>``: a raw task message that RabbitMQ itself
         dead-lettered (``x-death``), read back as an envelope; its id is its task id."""
-        task_id = headers.get("id") if isinstance(headers.get("id"), str) else None
-        raw, encoding = (None, None) if kwargs is not None else raw_body_fields(body)
+        fields = _message_fields(headers, kwargs, body)
         return cls(
             reason=reason,
-            event_id=event_id_of(kwargs, task_id),
-            task=headers.get("task") if isinstance(headers.get("task"), str) else None,
             kwargs=kwargs,
             attempts=attempts,
             worker_host="broker",
-            raw_body=raw,
-            raw_body_encoding=encoding,
             content_type=content_type,
-            task_id=task_id,
-            id=task_id or uuid.uuid4().hex,
+            id=fields["task_id"] or uuid.uuid4().hex,
+            **fields,
         )
 
     @property
     def replayable(self) -> bool:
         """Only an envelope that still holds a task and its arguments can be put back."""
         return self.task is not None and self.kwargs is not None
+
+
+def _message_fields(
+    headers: dict[str, Any], kwargs: dict[str, Any] | None, body: bytes | str | None
+) -> dict[str, Any]:
+    """What an envelope keeps of a raw task message: its task, ids, and the body whole
+    unless its arguments could be read."""
+    task_id = headers.get("id") if isinstance(headers.get("id"), str) else None
+    raw, encoding = (None, None) if kwargs is not None else raw_body_fields(body)
+    return {
+        "task": headers.get("task") if isinstance(headers.get("task"), str) else None,
+        "task_id": task_id,
+        "event_id": event_id_of(kwargs, task_id),
+        "raw_body": raw,
+        "raw_body_encoding": encoding,
+    }
 
 
 def event_id_of(kwargs: Any, task_id: str | None) -> str | None:
