@@ -51,7 +51,7 @@ ops-validate: install promtool ## Check ops/ and docker/: schemas, yamllint, com
 docker-lint: install ## hadolint on docker/Dockerfile (every rule, no ignores)
 	$(BIN)/hadolint --config docker/hadolint.yaml docker/Dockerfile
 
-unit: install ## Only the tests that need no broker
+unit: install promtool ## Only the tests that need no broker
 	$(call pytest,-m "not integration and not faults")
 
 faults: install ## The fault-injection suite: kills, cut brokers, outages, poison (~7 min)

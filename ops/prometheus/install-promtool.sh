@@ -22,25 +22,33 @@ if [ ! -e "$policy" ]; then
   trap 'rm -f "$policy"' EXIT
 fi
 
-running_before=$(pgrep -x prometheus || true)
+# Whether a process named prometheus runs (from /proc: pgrep may not be installed).
+prometheus_running() {
+  grep -qx prometheus /proc/[0-9]*/comm 2>/dev/null
+}
+
+running_before=false
+if prometheus_running; then
+  running_before=true
+fi
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
 command -v promtool >/dev/null
 
 # Belt and braces: if a server started anyway (an existing policy-rc.d that allows it),
 # stop it through its own service script and keep it from starting at boot.
-if [ -z "$running_before" ] && pgrep -x prometheus >/dev/null; then
+if [ "$running_before" = false ] && prometheus_running; then
   if [ -d /run/systemd/system ]; then
     systemctl disable --now prometheus.service
   else
     invoke-rc.d --force prometheus stop || service prometheus stop
   fi
 fi
-if [ -z "$running_before" ] && pgrep -x prometheus >/dev/null; then
+if [ "$running_before" = false ] && prometheus_running; then
   echo "installing promtool left a prometheus server running: stop it" >&2
   exit 1
 fi
-if [ -d /run/systemd/system ] && [ -z "$running_before" ]; then
+if [ -d /run/systemd/system ] && [ "$running_before" = false ]; then
   systemctl disable prometheus.service >/dev/null 2>&1 || true
 fi
 promtool --version | head -n 1
