@@ -45,7 +45,7 @@ OPS_TESTS := tests/test_deploy_static.py tests/test_monitoring.py
 promtool: ## Install promtool (Debian's prometheus package) if missing; starts no server
 	@bash ops/prometheus/install-promtool.sh
 
-ops-validate: install promtool ## Check ops/ and docker/: schemas, yamllint, compose, promtool, dashboard
+ops-validate: install promtool ## Check ops/, docker/: schemas, yamllint, compose, promtool, dashboard; needs RabbitMQ on 127.0.0.1
 	$(call pytest,$(OPS_TESTS))
 
 docker-lint: install ## hadolint on docker/Dockerfile (every rule, no ignores)
