@@ -13,9 +13,10 @@ $(BIN)/pytest $(1) || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no test
 endef
 
 .PHONY: help install demo test unit lint worker flower bench faults lock clean
+.PHONY: promtool ops-validate docker-lint
 
 help: ## List the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
@@ -36,11 +37,23 @@ lint: install ## ruff (lint + format check), mypy --strict on worker/, import la
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: lint ## Lint, then every test but the fault suite, in random order, with the coverage gate
+test: lint promtool ## Lint, then every test but the fault suite, in random order, with the coverage gate
 	rm -f .coverage .coverage.*
 	$(call pytest,-m "not faults" --cov --cov-report=term-missing:skip-covered)
 
-unit: install ## Only the tests that need no broker
+# --- deployment files: ops/ and docker/ --------------------------------------------------
+OPS_TESTS := tests/test_deploy_static.py tests/test_monitoring.py
+
+promtool: ## Install promtool (Debian's prometheus package) if missing; starts no server
+	@bash ops/prometheus/install-promtool.sh
+
+ops-validate: install promtool ## Check ops/, docker/: schemas, yamllint, compose, promtool, dashboard; needs RabbitMQ on 127.0.0.1
+	$(call pytest,$(OPS_TESTS))
+
+docker-lint: install ## hadolint on docker/Dockerfile (every rule, no ignores)
+	$(BIN)/hadolint --config docker/hadolint.yaml docker/Dockerfile
+
+unit: install promtool ## Only the tests that need no broker
 	$(call pytest,-m "not integration and not faults")
 
 faults: install ## The fault-injection suite: kills, cut brokers, outages, poison (~6 min)
