@@ -142,9 +142,13 @@ class QueuesThenDelayedDelivery(DelayedDelivery):
 
 
 class Heartbeat(bootsteps.StartStopStep):
-    """Touch a file while the consumer runs, for a liveness probe that costs one stat()."""
+    """Touch a file while the consumer runs, for a liveness probe that costs one stat().
 
-    requires = ("celery.worker.consumer.tasks:Tasks",)
+    It starts after the queues are declared as well as after the task consumer: the file
+    means ready, and a producer that publishes to ``totango.batch`` without declaring it
+    must not find it missing (bootsteps without a dependency start in no fixed order)."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks", "worker.consumer:DeclareQueues")
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
