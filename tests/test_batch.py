@@ -258,12 +258,12 @@ def test_a_batch_worker_reserves_only_its_slots_so_a_new_worker_shares_the_backl
     scale-out) therefore finds batches to take, and both deliver some; every event is
     delivered exactly once. With a prefetch sized for single events, the first worker
     would reserve every batch and the second would idle."""
-    gateway.set_delay(2.0)  # each batch's 2 events go out one after the other: ~4 s a batch
+    gateway.hold()  # every call waits until released: what each worker took stays in flight
     settings = {
         "TOTANGO_CONCURRENCY": "2",
         "TOTANGO_PREFETCH_MULTIPLIER": "1",
         "TOTANGO_BATCH_SENDERS": "2",
-        "TOTANGO_READ_TIMEOUT": "5",
+        "TOTANGO_READ_TIMEOUT": "60",  # longer than any hold below
     }
     producer = Producer(app=app)
     run = uuid.uuid4().hex[:8]
@@ -276,15 +276,22 @@ def test_a_batch_worker_reserves_only_its_slots_so_a_new_worker_shares_the_backl
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     first_env = env_for(TOTANGO_HEARTBEAT_FILE=str(tmp_path / "first.hb"), **settings)
     second_env = env_for(TOTANGO_HEARTBEAT_FILE=str(tmp_path / "second.hb"), **settings)
-    with running_worker(first_env, first_log, ("-Q", BATCH_QUEUE)):
-        wait_until(lambda: queue_length(app, BATCH_QUEUE) <= 4, 10.0, "first takes", first_log)
-        time.sleep(1.0)  # it must not reserve more while its two batches are in flight
-        assert queue_length(app, BATCH_QUEUE) == 4
-        with running_worker(second_env, second_log, ("-Q", BATCH_QUEUE)):
-            wait_until(
-                lambda: len(gateway.delivered()) >= 12, 3 * OUTCOME_TIMEOUT, "all", second_log
-            )
-            time.sleep(SETTLE_SECONDS)
+    try:
+        with running_worker(first_env, first_log, ("-Q", BATCH_QUEUE)):
+            # Its two batches' first events are at the gateway, held: it has taken 2 of 6.
+            wait_until(lambda: len(gateway.calls()) >= 2, 30.0, "first calls", first_log)
+            time.sleep(1.0)  # it must not reserve more while its two batches are in flight
+            assert queue_length(app, BATCH_QUEUE) == 4
+            with running_worker(second_env, second_log, ("-Q", BATCH_QUEUE)):
+                wait_until(lambda: len(gateway.calls()) >= 4, 30.0, "second calls", second_log)
+                assert queue_length(app, BATCH_QUEUE) == 2
+                gateway.release()
+                wait_until(
+                    lambda: len(gateway.delivered()) >= 12, 3 * OUTCOME_TIMEOUT, "all", second_log
+                )
+                time.sleep(SETTLE_SECONDS)
+    finally:
+        gateway.release()
     assert sorted(user_of(call) for call in gateway.calls()) == sorted(users)
     assert _delivered_by(first_log) > 0
     assert _delivered_by(second_log) > 0

@@ -30,8 +30,8 @@ from tests.test_metrics import (
     relay_mix,
     wait_counts,
 )
-from worker.app import TotangoCelery
-from worker.emulator import GatewayEmulator
+from totango_emulator import GatewayEmulator
+from worker.application import TotangoCelery
 
 ROOT = Path(__file__).resolve().parent.parent
 OPS = ROOT / "ops"

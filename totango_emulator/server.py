@@ -86,6 +86,10 @@ class GatewayEmulator:
         self._port = port
         self.delay = delay
         self.hang_seconds = 5.0
+        #: The longest a call waits while the emulator holds (``hold``), so nothing hangs.
+        self.max_hold = 120.0
+        self._open = threading.Event()
+        self._open.set()
         self._lock = threading.Lock()
         self._calls: list[Call] = []
         self._rules: list[_Rule] = []
@@ -142,6 +146,14 @@ class GatewayEmulator:
         if seconds < 0:
             raise ValueError("delay must not be negative")
         self.delay = float(seconds)
+
+    def hold(self) -> None:
+        """Answer nothing until ``release``: each call that arrives is recorded, then waits
+        (at most ``max_hold`` seconds). A test uses it to know what is in flight."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
 
     def add_rule(
         self,
@@ -323,6 +335,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _gateway(self, method: str, raw: str) -> None:
         emulator = self.server.emulator
         response, retry_after = emulator._decide(method, raw, dict(self.headers.items()))
+        emulator._open.wait(emulator.max_hold)
         if response == "reset":
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             with self.server.lock:
