@@ -324,3 +324,24 @@ def test_cli_serves_until_terminated() -> None:
             conn.close()
         proc.terminate()
         assert proc.wait(timeout=5) == 0
+
+
+def test_a_held_call_is_recorded_at_once_and_answered_only_after_release(
+    emulator: GatewayEmulator,
+) -> None:
+    """hold(): a call that arrives is in calls() right away but gets no answer until
+    release(); then it is answered as usual."""
+    emulator.hold()
+    answers: list[int] = []
+    caller = threading.Thread(target=lambda: answers.append(call(emulator)[0]))
+    caller.start()
+    deadline = time.monotonic() + 5
+    while not emulator.calls() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(emulator.calls()) == 1
+    caller.join(0.3)
+    assert caller.is_alive()
+    assert answers == []
+    emulator.release()
+    caller.join(5)
+    assert answers == [200]
