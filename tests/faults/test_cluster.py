@@ -4,10 +4,12 @@ cut off from the worker through the suite's TCP proxy, and two of three go down 
 Worker and producer are given all three nodes as one failover list
 (``TOTANGO_BROKER_URL=amqp://...:P1/v;amqp://...:P2/v;amqp://...:P3/v``).
 
-Duplicates: each fault may redeliver what the worker held unacknowledged (``IN_FLIGHT``) and,
-on the producer's side, what it published while the connection died: one publish of the
-producer thread whose confirm never came (sent again, same event id), and one that kombu
-itself publishes again on reconnecting. The bound is faults x (IN_FLIGHT + 2).
+Duplicates: each fault may redeliver what the worker held unacknowledged (``IN_FLIGHT``),
+and, when the node that dies is the queue's leader, the acknowledgements it had taken but not
+yet committed to a majority (the worker's window moved on, so at most another
+``IN_FLIGHT``); on the producer's side, one publish of the producer thread whose confirm
+never came (sent again, same event id) and one that kombu publishes again on reconnecting.
+The bound is faults x (2 x IN_FLIGHT + 2).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from tests.faults.accounting import DELIVER, Row
 from tests.faults.cluster import Cluster, Node, cluster
 from tests.faults.harness import (
     IN_FLIGHT,
-    RECONNECT_TIMEOUT,
     Run,
     activity,
     assert_nothing_lost,
@@ -40,16 +41,23 @@ from worker.emulator import GatewayEmulator
 pytestmark = pytest.mark.faults
 
 BROKER = "rabbitmq (3-node cluster)"
-#: What one fault may duplicate: the worker's unacknowledged messages, plus the producer's
-#: in-doubt publish and kombu's own republish on reconnecting.
-PER_FAULT = IN_FLIGHT + 2
+#: What one fault may duplicate: the worker's unacknowledged messages, as many whose
+#: acknowledgement the dying leader had not committed, the producer's in-doubt publish and
+#: kombu's own republish on reconnecting (module docstring).
+PER_FAULT = 2 * IN_FLIGHT + 2
 EVENTS = 1500
 RATE = 150.0  # events per second, from a producer thread on the same failover list
 #: A publish refused while nodes are down is tried again (same event id) for this long.
 GIVE_UP_AFTER = 120.0
 SETTLE_TIMEOUT = 90.0
-#: Enough events for the three restarts (10-15 s each) to happen while they still flow.
-ROLLING_EVENTS = 6000
+#: Enough events (70 s) for the three restarts (about 15 s each, after a quarter of the
+#: events) to happen while they still flow.
+ROLLING_EVENTS = 10500
+#: How long a worker may take to deliver again after a failover. Celery's delayed-delivery
+#: step sets itself up again on every URL of the failover list at each reconnect, and
+#: retries a dead one for ~17 s (1 + 3 + 5 s of sleeps) before the consumer starts; after
+#: a cut, the event loop may drop the new connection once more (two rounds, ~35 s).
+FAILOVER_TIMEOUT = 90.0
 
 CONNECTED_RE = re.compile(r"Connected to amqp://guest:\*\*@127\.0\.0\.1:(\d+)/")
 
@@ -113,7 +121,7 @@ def test_cluster_sigkill_of_the_workers_node(nodes: Cluster, crun: Run) -> None:
         until_delivered(crun, EVENTS // 4)
         victim = connected_node(nodes, worker)
         nodes.kill(victim)
-        back = probe_delivery(producer, ledger, crun.gateway)
+        back = probe_delivery(producer, ledger, crun.gateway, FAILOVER_TIMEOUT)
         nodes.start_node(victim)
     assert background.error is None, background.error
     tally = crun.settle(ledger, app, SETTLE_TIMEOUT, worker=worker)
@@ -156,7 +164,7 @@ def test_cluster_rolling_restart_of_all_three_nodes(nodes: Cluster, crun: Run) -
             nodes.start_node(node)
             nodes.wait_running(nodes.nodes)
             restarted_at.append(time.monotonic() - started)
-            probes.append(probe_delivery(producer, ledger, crun.gateway))
+            probes.append(probe_delivery(producer, ledger, crun.gateway, FAILOVER_TIMEOUT))
     assert background.error is None, background.error
     tally = crun.settle(ledger, app, SETTLE_TIMEOUT, worker=worker)
     bound = len(nodes.nodes) * PER_FAULT
@@ -201,7 +209,7 @@ def test_cluster_one_node_cut_off_through_the_proxy_then_healed(
             cut = proxy.cut()
             started = time.monotonic()
             # Restored only after this: the worker delivers while its first node is cut off.
-            during = probe_delivery(producer, ledger, crun.gateway)
+            during = probe_delivery(producer, ledger, crun.gateway, FAILOVER_TIMEOUT)
             time.sleep(max(0.0, CUT_SECONDS - (time.monotonic() - started)))
             proxy.restore()
         assert background.error is None, background.error
@@ -248,13 +256,13 @@ def test_cluster_two_of_three_nodes_down_refuses_then_resumes(nodes: Cluster, cr
         majority_back = time.time()
         resend_started = time.time()
         sent_again = False
-        while not sent_again and time.time() - resend_started < RECONNECT_TIMEOUT:
+        while not sent_again and time.time() - resend_started < FAILOVER_TIMEOUT:
             try:
                 producer.track_activity(**activity(refused_key))
                 sent_again = True
             except Exception:  # noqa: BLE001  still refused: the majority is settling
                 time.sleep(0.5)
-        back = probe_delivery(producer, ledger, crun.gateway)
+        back = probe_delivery(producer, ledger, crun.gateway, FAILOVER_TIMEOUT)
         nodes.start_node(down[1])
     assert sent_again, "the refused event could not be sent again once the majority was back"
     assert background.error is None, background.error
