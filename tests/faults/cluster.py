@@ -227,7 +227,8 @@ class Cluster:
             self.ctl(node, "stop_app")
             self.ctl(node, "join_cluster", first.name)
             self.ctl(node, "start_app")
-        self.wait_running(self.nodes)
+        for node in self.nodes:
+            self.wait_running(node)
 
     def start_node(self, node: Node) -> None:
         """Start one node (again, on the same data) and wait until its app is running."""
@@ -296,16 +297,18 @@ class Cluster:
         out = self.ctl(via, "eval", "rabbit_nodes:all_running().", check=False)
         return {n for n in (x.name for x in self.nodes) if n in out} if out else set()
 
-    def wait_running(self, nodes: list[Node], timeout: float = BOOT_TIMEOUT) -> None:
-        """Wait until every node in ``nodes`` sees all of ``nodes`` running."""
-        want = {n.name for n in nodes}
+    def wait_running(self, via: Node | None = None, timeout: float = BOOT_TIMEOUT) -> None:
+        """Wait until ``via`` (by default the first node) sees all three nodes running. One
+        CLI call a round: each starts an Erlang VM, seconds on a loaded machine."""
+        via = via or self.nodes[0]
+        want = {n.name for n in self.nodes}
         deadline = time.monotonic() + timeout
         while True:
-            seen = [self.running_nodes(n) for n in nodes]
-            if all(want <= s for s in seen):
+            seen = self.running_nodes(via)
+            if want <= seen:
                 return
             if time.monotonic() > deadline:
-                raise ClusterError(f"cluster not formed in {timeout:g} s: {seen}")
+                raise ClusterError(f"cluster not formed in {timeout:g} s: {via.name} sees {seen}")
             time.sleep(0.5)
 
     def quorum_safe_to_stop(self, node: Node) -> bool:
@@ -344,10 +347,6 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 self.kill(node)
             self._reap(node)
-
-    def restart(self, node: Node) -> None:
-        self.start_node(node)
-        self.wait_running(self.nodes)
 
     def close(self) -> None:
         for node in self.nodes:
