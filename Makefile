@@ -12,7 +12,7 @@ define pytest
 $(BIN)/pytest $(1) || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc; }
 endef
 
-.PHONY: help install demo test unit lint worker flower bench faults lock clean
+.PHONY: help install demo test unit lint worker flower bench bench-cluster faults lock clean
 .PHONY: promtool ops-validate docker-lint
 
 help: ## List the targets
@@ -56,7 +56,7 @@ docker-lint: install ## hadolint on docker/Dockerfile (every rule, no ignores)
 unit: install promtool ## Only the tests that need no broker
 	$(call pytest,-m "not integration and not faults")
 
-faults: install ## The fault-injection suite: kills, cut brokers, outages, poison (~6 min)
+faults: install ## The fault-injection suite: kills, cuts, outages, poison, a 3-node cluster (~12 min)
 	$(call pytest,tests/faults -m faults)
 
 worker: install ## Run a worker with sane defaults (settings from TOTANGO_* variables)
@@ -68,6 +68,9 @@ flower: install ## Run Flower against the configured broker (set FLOWER_BASIC_AU
 
 bench: install ## Throughput, latency and RSS vs a no-op task and a naive relay (Redis + RabbitMQ; ~3 min)
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+bench-cluster: install ## events/s of 1, 2, 4 workers on a 3-node RabbitMQ cluster of its own (~4 min)
+	$(PY) -m bench.cluster $(BENCH_ARGS)
 
 lock: ## Re-pin requirements.lock (runtime, the image) and requirements-dev.lock
 	$(BIN)/pip install --quiet uv

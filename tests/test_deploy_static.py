@@ -49,6 +49,7 @@ CRD_SCHEMAS = {
     ("keda.sh/v1alpha1", "TriggerAuthentication"): "keda-triggerauthentication.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring-servicemonitor.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring-prometheusrule.json",
+    ("rabbitmq.com/v1beta1", "RabbitmqCluster"): "rabbitmq-rabbitmqcluster.json",
 }
 KUSTOMIZATION = ("kustomize.config.k8s.io/v1beta1", "Kustomization")
 
@@ -517,8 +518,9 @@ def test_standard_resources_pass_kubernetes_validate_strict(version: str) -> Non
 
 
 def test_custom_resources_match_their_schemas() -> None:
-    """KEDA and Prometheus Operator resources (no schema in kubernetes-validate) match the
-    hand-written subsets in tests/schemas/ (required fields, types, known field names)."""
+    """KEDA, Prometheus Operator and RabbitMQ Cluster Operator resources (no schema in
+    kubernetes-validate) match the hand-written subsets in tests/schemas/ (required fields,
+    types, known field names)."""
     seen = set()
     errors = []
     for path, doc in ops_documents():
@@ -982,3 +984,44 @@ def test_deployed_configuration_is_accepted_by_the_worker() -> None:
         settings = Settings.from_env({**compose_env, "TOTANGO_BROKER_URL": url})
         settings.check_worker()
         assert settings.gateway_url == "http://gateway:8080/pixel.gif"
+
+
+def test_rabbitmq_overlay_runs_a_three_node_cluster_the_workers_and_keda_point_at() -> None:
+    """The RabbitMQ overlay deploys one RabbitmqCluster of 3 replicas (quorum queues of 3
+    members, majority 2) with pause_minority and the consumer_timeout the worker is told;
+    the queues' delivery limit stays above replicas + 1 (each node restarted in a rolling
+    restart may return a message once); and the Secret's broker URL, read by both worker
+    Deployments and by KEDA's trigger, names the cluster's client Service."""
+    from worker.contract import RABBITMQ_QUEUE_ARGUMENTS  # noqa: PLC0415  only this test
+
+    under = OPS / "overlays" / "rabbitmq"
+    (cluster,) = find("RabbitmqCluster", under=under)
+    spec = cluster["spec"]
+    assert spec["replicas"] == 3
+    assert spec["replicas"] % 2 == 1, "an even node count tolerates no more losses"
+    config = dict(
+        line.split(" = ", 1)
+        for line in spec["rabbitmq"]["additionalConfig"].splitlines()
+        if " = " in line and not line.lstrip().startswith("#")
+    )
+    assert config["cluster_partition_handling"] == "pause_minority"
+    (patch,) = find("ConfigMap", under=under)
+    timeout_s = float(patch["data"]["TOTANGO_RABBITMQ_CONSUMER_TIMEOUT"])
+    assert int(config["consumer_timeout"]) == timeout_s * 1000
+    assert int(str(RABBITMQ_QUEUE_ARGUMENTS["x-delivery-limit"])) > spec["replicas"] + 1
+    (secret,) = find("Secret", "totango-worker-secrets", OPS / "base")
+    host = secret["stringData"]["broker-url"].rsplit("@", 1)[1].split(":")[0]
+    assert host == cluster["metadata"]["name"]
+    assert ";" not in secret["stringData"]["broker-url"], "KEDA takes one URL, not a list"
+    for name in WORKER_DEPLOYMENTS:
+        (container,) = worker_deployment(name)["spec"]["template"]["spec"]["containers"]
+        refs = {
+            e["name"]: e["valueFrom"]["secretKeyRef"]["key"]
+            for e in container.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})
+        }
+        assert refs["TOTANGO_BROKER_URL"] == "broker-url", name
+    (auth,) = find("TriggerAuthentication", under=under)
+    assert {"parameter": "host", "name": "totango-worker-secrets", "key": "broker-url"} in auth[
+        "spec"
+    ]["secretTargetRef"]

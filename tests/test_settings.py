@@ -440,3 +440,52 @@ def test_task_events_setting_reaches_celery(value: str | None, expected: bool) -
     ``worker_send_task_events``, the switch for the events Flower's task views read."""
     env = {} if value is None else {"TOTANGO_TASK_EVENTS": value}
     assert config(Settings.from_env(env))["worker_send_task_events"] is expected
+
+
+AMQP_2 = "amqp://guest:guest@127.0.0.1:5673//"
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        (f"{AMQP};{AMQP_2}", "rabbitmq"),
+        (f"{AMQP};{AMQP_2};amqps://u:p@mq-2.example.com:5671//", "rabbitmq"),
+        (f"{REDIS};redis://127.0.0.1:6380/0", "redis"),
+    ],
+)
+def test_a_failover_list_of_one_kind_is_accepted_and_kept_whole(url: str, kind: str) -> None:
+    """A ';'-separated failover list (kombu's syntax) of one broker kind is valid, has that
+    kind, and reaches Celery whole, so that kombu can fail over along it."""
+    settings = Settings.from_env({"TOTANGO_BROKER_URL": url})
+    assert settings.broker_kind == kind
+    assert settings.broker_url == url
+    assert broker_kind(url) == kind
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        (f"{AMQP};kafka://127.0.0.1", "failover entry 2 of 2 must be an amqp:// or redis:// URL"),
+        (f"{AMQP};{AMQP_2};", "failover entry 3 of 3 is empty"),
+        (f";{AMQP}", "failover entry 1 of 2 is empty"),
+        (f"{AMQP}; {AMQP_2}", "failover entry 2 of 2 has white space around it"),
+        (f"{AMQP};{REDIS}", "failover entry 2 of 2 is redis but entry 1 is rabbitmq"),
+        (f"{REDIS};{AMQP_2};{AMQP}", "failover entry 2 of 3 is rabbitmq but entry 1 is redis"),
+        (f"{AMQP};amqp://127.0.0.1:56x2//", "failover entry 2 of 2 is not a valid URL"),
+        (f"{AMQP};redis://[::1", "failover entry 2 of 2 is not a valid URL"),
+        ("filesystem://;filesystem://", "failover entry 1 of 2 is the embedded demo broker"),
+    ],
+)
+def test_a_wrong_failover_entry_is_named_by_its_position(url: str, reason: str) -> None:
+    """Each entry of a failover list is checked on its own; the error names the entry's
+    1-based position and what is wrong with it (scheme, emptiness, spaces, mixed kinds)."""
+    error = config_error({"TOTANGO_BROKER_URL": url})
+    assert error.variable == "TOTANGO_BROKER_URL"
+    assert error.reason.startswith(reason), error.reason
+
+
+def test_a_single_url_with_a_bad_port_is_refused() -> None:
+    """A port that is not a number is refused when the settings are read, not at connect."""
+    assert config_error({"TOTANGO_BROKER_URL": "amqp://127.0.0.1:x//"}).reason == (
+        "is not a valid URL"
+    )

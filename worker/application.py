@@ -92,6 +92,10 @@ def config(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         # The filesystem transport has no broadcast between processes.
         "worker_enable_remote_control": kind != "embedded",
+        # Not exclusive: after a failover to another cluster node, the node that lost the
+        # worker may still hold its old connection, and redeclaring an exclusive queue then
+        # fails with RESOURCE_LOCKED, which stops the worker ("Unrecoverable error").
+        "control_queue_exclusive": False,
     }
 
 

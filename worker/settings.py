@@ -183,10 +183,49 @@ class Settings:
 
 
 def broker_kind(url: str) -> str:
+    """``rabbitmq``, ``redis`` or ``embedded``, for one broker URL or for a failover list.
+
+    A failover list is kombu's syntax: URLs separated by ``;``, tried in order and then
+    round-robin when a connection is lost. Each entry is checked on its own, and a wrong one
+    is named by its position (1-based); all entries must be of one broker kind, since the
+    queue arguments and transport options follow the kind.
+    """
+    entries = url.split(";")
+    if len(entries) == 1:
+        return _url_kind(url)
+    kinds: list[str] = []
+    for n, entry in enumerate(entries, 1):
+        where = f"failover entry {n} of {len(entries)}"
+        if not entry.strip():
+            raise ConfigError("TOTANGO_BROKER_URL", f"{where} is empty (a stray ';'?)")
+        if entry != entry.strip():
+            raise ConfigError(
+                "TOTANGO_BROKER_URL", f"{where} has white space around it; use ';' alone"
+            )
+        try:
+            kind = _url_kind(entry)
+        except ConfigError as exc:
+            raise ConfigError("TOTANGO_BROKER_URL", f"{where} {exc.reason}") from None
+        if kind == "embedded":
+            raise ConfigError(
+                "TOTANGO_BROKER_URL", f"{where} is the embedded demo broker, which has no failover"
+            )
+        if kinds and kind != kinds[0]:
+            raise ConfigError(
+                "TOTANGO_BROKER_URL",
+                f"{where} is {kind} but entry 1 is {kinds[0]}: all entries must be one kind",
+            )
+        kinds.append(kind)
+    return kinds[0]
+
+
+def _url_kind(url: str) -> str:
     try:
-        scheme = urlsplit(url).scheme.lower()
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  raises ValueError for a port that is not a number
     except ValueError:  # urlsplit refuses a malformed IPv6 host such as "[::1"
         raise ConfigError("TOTANGO_BROKER_URL", "is not a valid URL") from None
+    scheme = parts.scheme.lower()
     if scheme in {"amqp", "amqps", "pyamqp"}:
         return "rabbitmq"
     if scheme in {"redis", "rediss"}:

@@ -302,13 +302,15 @@ def sending(
         state.thread.join(timeout=count / rate + give_up_after + 10)
 
 
-def probe_delivery(producer: Producer, ledger: Ledger, gateway: GatewayEmulator) -> float:
+def probe_delivery(
+    producer: Producer, ledger: Ledger, gateway: GatewayEmulator, timeout: float = RECONNECT_TIMEOUT
+) -> float:
     """Send one more event (retrying while the broker refuses it) and return how long it
     took to be delivered: proof that the worker is connected and consuming again."""
     started = time.time()
     key = ledger.key(DELIVER)
-    _send_until_taken(producer, key, Background(), RECONNECT_TIMEOUT)
-    wait_until(lambda: key in delivered_keys(gateway), RECONNECT_TIMEOUT, f"{key} delivered")
+    _send_until_taken(producer, key, Background(), timeout)
+    wait_until(lambda: key in delivered_keys(gateway), timeout, f"{key} delivered")
     return time.time() - started
 
 
