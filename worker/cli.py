@@ -95,8 +95,12 @@ def _dead_letter_parser(parser: argparse.ArgumentParser) -> None:
 def dead_letters(args: argparse.Namespace) -> int:
     from worker.application import create_app  # noqa: PLC0415  Celery only for commands that need it
 
+    from worker.producer_app import adopt_broker_topology  # noqa: PLC0415
+
     app = create_app(Settings.from_env())
     try:
+        if args.action == "replay":  # republished to the work queues as the broker holds them
+            adopt_broker_topology(app, app.settings.broker_kind)
         return ACTIONS[args.action](app, args)
     finally:
         app.close()

@@ -16,11 +16,13 @@ from celery import signals
 from celery.exceptions import TimeLimitExceeded
 
 from worker import metrics, observability
+from worker.contract import EXCHANGE
 from worker.deadletter import dead_letter
 from worker.envelope import Envelope, event_id_of
 from worker.errors import ConfigError
 from worker.gateway import check_gateway
 from worker.settings import Settings
+from worker.topology import ForeignDeclaration, discover
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,43 @@ def on_celeryd_init(instance: Any = None, **_: Any) -> None:
         sys.stderr.write(f"totango-worker: bad setting {exc}\n")
         raise SystemExit(2) from None
     observability.init_sentry(settings)
+    use_broker_topology(instance.app, settings)
+
+
+def use_broker_topology(app: Any, settings: Settings) -> None:
+    """Consume the work queues in the design the broker holds, before the queues are selected
+    and the pool and the consumer start.
+
+    A producer may have declared ``totango`` first, with Celery's defaults (a direct exchange
+    and a classic queue): the worker consumes it as it is and says loudly, in the log and in
+    a metric, which guarantees that design lacks. A declaration in neither design stops the
+    worker with one line naming the queue and the command that moves its messages.
+    """
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=app.conf.broker_connection_max_retries)
+            topology = discover(connection, settings.broker_kind)
+    except ForeignDeclaration as exc:
+        sys.stderr.write(f"totango-worker: {exc}\n")
+        raise SystemExit(2) from None
+    except app.connection_for_write().recoverable_connection_errors as exc:
+        sys.stderr.write(f"totango-worker: cannot reach the broker to find its queues: {exc}\n")
+        raise SystemExit(2) from None
+    topology.apply_to(app)
+    for queue, missing in topology.missing().items():
+        design = topology.designs[queue]
+        metrics.record_queue_guarantees(queue, design, missing)
+        if missing:
+            log.warning(
+                "queue %r is in the %s design (exchange %r is %s): it lacks %s. "
+                "Events are consumed as they are; docs/producers.md#queue-designs says what "
+                "each design keeps and how to move to the other",
+                queue,
+                design,
+                EXCHANGE,
+                topology.exchange_type,
+                ", ".join(missing),
+            )
 
 
 def on_worker_init(sender: Any = None, **_: Any) -> None:
