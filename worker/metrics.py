@@ -151,6 +151,9 @@ def record_queue_guarantees(queue: str, design: str, missing: Iterable[str]) -> 
     global _queue_guarantees  # noqa: PLW0603  one gauge per process, created on first use
     with _metrics_lock:
         if _queue_guarantees is None:
+            path = multiprocess_dir()
+            if path is not None:
+                path.mkdir(parents=True, exist_ok=True)  # prometheus_client does not
             _queue_guarantees = Gauge(
                 "totango_queue_guarantee_missing",
                 "A guarantee the work queue lacks in its RabbitMQ design (1 = missing)",

@@ -12,14 +12,13 @@ again resumes from the holding queue.
 from __future__ import annotations
 
 import logging
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
-from amqp.exceptions import NotFound, PreconditionFailed
+from amqp.exceptions import AMQPNotImplementedError, NotFound, PreconditionFailed
 from kombu import Exchange, Queue
 
-from worker.contract import EXCHANGE, EXCHANGE_TYPES, RABBITMQ_DEAD_LETTER_ARGUMENTS
+from worker.contract import EXCHANGE, EXCHANGE_TYPES
 from worker.topology import ROUTING_KEYS, rabbitmq_exchange, work_queue
 
 log = logging.getLogger(__name__)
@@ -48,15 +47,9 @@ class Moved:
 
 
 def holding_queue(name: str) -> Queue:
-    """Where a queue's messages wait while it is declared again: a quorum queue of its own
-    (no dead-lettering, no delivery limit), consumed by nobody."""
-    return Queue(
-        f"{name}.migrating",
-        Exchange(""),
-        routing_key=f"{name}.migrating",
-        durable=True,
-        queue_arguments=dict(RABBITMQ_DEAD_LETTER_ARGUMENTS),
-    )
+    """Where a queue's messages wait while it is declared again: a durable classic queue of
+    its own (one that can be deleted only if empty), consumed by nobody."""
+    return Queue(f"{name}.migrating", Exchange(""), routing_key=f"{name}.migrating", durable=True)
 
 
 def migrate(connection: Any, design: str) -> list[Moved]:
@@ -136,14 +129,27 @@ def _raw(message: Any, properties: dict[str, Any]) -> Any:
 
 
 def _delete_if_empty(connection: Any, name: str) -> bool:
+    """Delete the queue if it holds nothing. A classic queue does that atomically; a quorum
+    queue refuses the if-empty flag (and closes the connection, hence the clone), so it is
+    counted and then deleted: its producers must be stopped first (docs/producers.md)."""
+    with connection.clone() as probe:
+        channel = probe.channel()
+        try:
+            channel.queue_delete(name, if_empty=True)
+        except PreconditionFailed:  # messages arrived while it was emptied: another round
+            return False
+        except AMQPNotImplementedError:
+            pass
+        else:
+            return True
     channel = connection.channel()
     try:
-        channel.queue_delete(name, if_empty=True)
-    except PreconditionFailed:  # messages arrived while it was emptied: another round
-        return False
+        _, count, _ = channel.queue_declare(name, passive=True)
+        if count:
+            return False
+        channel.queue_delete(name)
     finally:
-        with suppress(Exception):  # the broker closed it with the refusal
-            channel.close()
+        channel.close()
     return True
 
 

@@ -22,7 +22,7 @@ from worker.envelope import Envelope, event_id_of
 from worker.errors import ConfigError
 from worker.gateway import check_gateway
 from worker.settings import Settings
-from worker.topology import ForeignDeclaration, discover
+from worker.topology import ForeignDeclaration, Topology, discover
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ def on_celeryd_init(instance: Any = None, **_: Any) -> None:
     use_broker_topology(instance.app, settings)
 
 
+#: The topology found at celeryd_init, in the worker's main process (sent before worker_init).
+_found: list[Topology] = []
+
+
 def use_broker_topology(app: Any, settings: Settings) -> None:
     """Consume the work queues in the design the broker holds, before the queues are selected
     and the pool and the consumer start.
@@ -84,9 +88,9 @@ def use_broker_topology(app: Any, settings: Settings) -> None:
         sys.stderr.write(f"totango-worker: cannot reach the broker to find its queues: {exc}\n")
         raise SystemExit(2) from None
     topology.apply_to(app)
+    _found.append(topology)  # recorded as metrics at worker_init, once the directory is fresh
     for queue, missing in topology.missing().items():
         design = topology.designs[queue]
-        metrics.record_queue_guarantees(queue, design, missing)
         if missing:
             log.warning(
                 "queue %r is in the %s design (exchange %r is %s): it lacks %s. "
@@ -113,6 +117,9 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
         sys.stderr.write(f"totango-worker: PROMETHEUS_MULTIPROC_DIR unusable: {exc}\n")
         raise SystemExit(2) from None
     metrics.start_metrics_server(settings.metrics_port)
+    for topology in _found:
+        for queue, missing in topology.missing().items():
+            metrics.record_queue_guarantees(queue, topology.designs[queue], missing)
 
 
 def on_worker_process_shutdown(pid: int | None = None, **_: Any) -> None:

@@ -128,9 +128,12 @@ class Topology:
 
         Called in the worker's main process before the queues are selected (``-Q``) and
         before the pool and the consumer start, so every process sees them."""
+        queues = app.amqp.queues
+        consumed = list(queues.consume_from)
         for queue in self.queues():
-            app.amqp.queues[queue.name] = queue
-        app.conf.task_queues = list(app.amqp.queues.values())
+            queues[queue.name] = queue
+        queues.select(consumed)  # the consumed set holds the queue objects themselves
+        app.conf.task_queues = list(queues.values())
         app.conf.task_default_exchange_type = exchange_for(
             self.broker_kind, self.exchange_type
         ).type
