@@ -118,12 +118,12 @@ def test_a_stock_producer_before_any_worker_is_consumed_as_it_is_and_loudly(
     start_worker: StartWorker,
     gateway: GatewayEmulator,
     worker_log: Path,
-    tmp_path: Path,
 ) -> None:
     """The stock producer publishes before any worker has started, so its declaration (a
     direct exchange, a plain queue) is the one that exists. The worker starts without a
     traceback, delivers every event, and on RabbitMQ names in its log and in
     ``totango_queue_guarantee_missing`` the guarantees a plain queue lacks."""
+    tmp_path = worker_log.parent
     events = activities("stock-first", 3)
     run_stock_producer(broker_url, tmp_path, events)
     metrics_dir = tmp_path / "prometheus"
@@ -167,7 +167,6 @@ def test_stranded_plain_messages_move_to_the_quorum_design_and_are_delivered(
     start_worker: StartWorker,
     gateway: GatewayEmulator,
     worker_log: Path,
-    tmp_path: Path,
 ) -> None:
     """``python -m worker queues migrate --to quorum`` moves what a stock producer left in
     the plain queue into the quorum design without loss; the worker then consumes the quorum
@@ -175,7 +174,7 @@ def test_stranded_plain_messages_move_to_the_quorum_design_and_are_delivered(
     native delayed delivery, and a stock producer's plain declaration is now refused: the
     price of the quorum design."""
     events = activities("migrated", 4)
-    run_stock_producer(broker_url, tmp_path, events)
+    run_stock_producer(broker_url, worker_log.parent, events)
     env = env_for()
     migrated = run_cli(env, "queues", "migrate", "--to", "quorum")
     assert migrated.returncode == 0, migrated.stdout + migrated.stderr
