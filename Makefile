@@ -62,4 +62,4 @@ lock: ## Re-pin requirements.lock (runtime, the image) and requirements-dev.lock
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes -o requirements-dev.lock
 
 clean: ## Remove the venv and generated files
-	rm -rf $(VENV) .demo .bench .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .demo .bench .mypy_cache .ruff_cache .pytest_cache .hypothesis tests/node/node_modules
