@@ -56,10 +56,11 @@ flower: install ## Run Flower against the configured broker (set FLOWER_BASIC_AU
 bench: install ## Throughput, latency and RSS vs a no-op task and a naive relay (Redis + RabbitMQ; ~3 min)
 	$(PY) -m bench.run $(BENCH_ARGS)
 
-lock: ## Re-pin requirements.lock (runtime, the image) and requirements-dev.lock
+lock: ## Re-pin requirements.lock (the worker extra, the image), requirements-dev.lock, requirements-producer.lock
 	$(BIN)/pip install --quiet uv
-	$(BIN)/uv pip compile pyproject.toml --extra flower --python-version 3.11 --generate-hashes -o requirements.lock
-	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes -o requirements-dev.lock
+	$(BIN)/uv pip compile pyproject.toml --extra worker --extra flower --python-version 3.11 --generate-hashes -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra worker --extra dev --python-version 3.11 --generate-hashes -o requirements-dev.lock
+	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 --generate-hashes -o requirements-producer.lock
 
 clean: ## Remove the venv and generated files
 	rm -rf $(VENV) .demo .bench .mypy_cache .ruff_cache .pytest_cache .hypothesis tests/node/node_modules
