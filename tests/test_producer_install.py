@@ -9,6 +9,7 @@ sentry-sdk, the worker's Redis transport), and a real worker delivers what it pu
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -75,7 +76,15 @@ def producer_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv holding the wheel of this checkout and the producer's locked
     dependencies only; ``pip check`` finds every requirement of the package met."""
     root = tmp_path_factory.mktemp("producer-install")
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", root / "dist", REPO)
+    source = root / "source"  # a copy: setuptools builds in the tree it is given
+    for name in ("pyproject.toml", "README.md"):
+        source.mkdir(exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
+    for package in ("worker", "totango_emulator"):
+        shutil.copytree(
+            REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", root / "dist", source)
     (wheel,) = (root / "dist").glob("totango_worker-*.whl")
     venv = root / "venv"
     _run(sys.executable, "-m", "venv", venv)
