@@ -9,10 +9,12 @@ published that way must never be stranded.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from subprocess import Popen
 from typing import Any
@@ -24,6 +26,7 @@ from kombu import Connection, Queue
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from tests.brokers import RABBITMQ_HOST, _rabbitmqctl
 from tests.test_producer_contract import producer_env
 from totango_emulator import GatewayEmulator
 from worker.contract import MISSING_GUARANTEES, PLAIN, QUEUE
@@ -235,3 +238,65 @@ def test_a_foreign_declaration_stops_the_worker_in_one_line_and_migrate_frees_it
     with start_worker(env):
         gateway.wait_for(2, timeout=DELIVERY_TIMEOUT)
     assert delivered_accounts(gateway) == ["foreign-0", "foreign-1"]
+
+
+#: The operator's side of the vhost-quorum design (docs/producers.md): the policy that gives
+#: the work queues dead-lettering and the delivery limit without any queue argument.
+GUARANTEES_POLICY = json.dumps(
+    {
+        "dead-letter-exchange": "totango.dlx",
+        "dead-letter-routing-key": "totango.dead_letter",
+        "delivery-limit": 5,
+    }
+)
+
+
+@contextmanager
+def quorum_vhost() -> Iterator[str]:
+    """A vhost of the test's own whose default queue type is quorum, with the policy."""
+    vhost = f"totango-test-dqt-{uuid.uuid4().hex[:12]}"
+    _rabbitmqctl("add_vhost", vhost, "--default-queue-type", "quorum")
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        _rabbitmqctl(
+            "set_policy", "-p", vhost, "--apply-to", "queues",
+            "totango-guarantees", r"^totango(\.batch)?$", GUARANTEES_POLICY,
+        )  # fmt: skip
+        yield f"amqp://guest:guest@{RABBITMQ_HOST}/{vhost}"
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("broker_url", ["rabbitmq"], indirect=True)  # env_for's; replaced
+def test_plain_declarations_in_a_quorum_vhost_keep_every_guarantee(
+    env_for: Callable[..., Env],
+    start_worker: StartWorker,
+    gateway: GatewayEmulator,
+    worker_log: Path,
+) -> None:
+    """With the vhost's default queue type set to quorum and a policy for dead-lettering and
+    the delivery limit, the stock producer's plain declaration makes a quorum queue: the
+    worker finds the vhost-quorum design, lacks no guarantee, and delivers what the stock
+    producer published before and after it started, a retried event included."""
+    with quorum_vhost() as url:
+        env = {**env_for(), "TOTANGO_BROKER_URL": url}
+        before, after = activities("dqt-before", 2), activities("dqt-after", 2)
+        run_stock_producer(url, worker_log.parent, before)
+        gateway.add_rule({"sdr_o": "dqt-after-0"}, [503])
+        with start_worker(env):
+            run_stock_producer(url, worker_log.parent, after)
+            gateway.wait_for(len(before) + len(after), timeout=DELIVERY_TIMEOUT)
+        listed = subprocess.run(
+            [shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl", "-q", "list_queues",
+             "-p", url.rsplit("/", 1)[1], "name", "type", "policy"],
+            capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=True,
+        ).stdout  # fmt: skip
+    assert delivered_accounts(gateway) == sorted(e["kwargs"]["account_id"] for e in before + after)
+    rows = {tuple(line.split("\t")) for line in listed.splitlines()}
+    assert ("totango", "quorum", "totango-guarantees") in rows
+    assert ("totango.batch", "quorum", "totango-guarantees") in rows
+    log = worker_log.read_text(errors="replace")
+    assert "quorum queue by the vhost's default queue type" in log
+    assert "lacks" not in log
+    assert "Traceback" not in log

@@ -46,11 +46,17 @@ DELIVERY_LIMIT: Final = 5
 #: (Celery's native delayed delivery for quorum queues needs a topic exchange). A producer
 #: must declare it with exactly these arguments, or not at all. Made by
 #: ``python -m worker queues migrate --to quorum``.
+#: ``vhost-quorum``: the plain declaration, in a vhost whose default queue type is quorum
+#: (``rabbitmqctl add_vhost --default-queue-type quorum``, RabbitMQ 3.10 and later): RabbitMQ
+#: makes the queue a quorum queue and finds every plain declaration equivalent, and a policy
+#: supplies dead-lettering and the delivery limit. Every producer's default declaration
+#: matches and the guarantees are the quorum design's (docs/producers.md).
 PLAIN: Final = "plain"
 QUORUM: Final = "quorum"
-DESIGNS: Final = (PLAIN, QUORUM)
+VHOST_QUORUM: Final = "vhost-quorum"
+DESIGNS: Final = (PLAIN, QUORUM, VHOST_QUORUM)
 #: The exchange type of each design.
-EXCHANGE_TYPES: Final[dict[str, str]] = {PLAIN: "direct", QUORUM: "topic"}
+EXCHANGE_TYPES: Final[dict[str, str]] = {PLAIN: "direct", QUORUM: "topic", VHOST_QUORUM: "direct"}
 #: The guarantees a queue design does not give on RabbitMQ, named in the worker's start-up
 #: warning and in the ``totango_queue_guarantee_missing`` metric. ``replication``: a quorum
 #: queue keeps its messages on a majority of nodes, a classic queue on one.
@@ -59,7 +65,11 @@ EXCHANGE_TYPES: Final[dict[str, str]] = {PLAIN: "direct", QUORUM: "topic"}
 MISSING_GUARANTEES: Final[dict[str, tuple[str, ...]]] = {
     PLAIN: ("replication", "delivery_limit"),
     QUORUM: (),
+    # The delivery limit and dead-lettering come from the policy, which AMQP cannot show.
+    VHOST_QUORUM: (),
 }
+#: What the worker declares in the vhost-quorum design: the argument RabbitMQ added itself.
+VHOST_QUORUM_ARGUMENTS: Final[dict[str, object]] = {"x-queue-type": "quorum"}
 
 #: The arguments of ``totango`` and ``totango.batch`` in the quorum design. Redis has no
 #: queue arguments.

@@ -16,7 +16,7 @@ from celery import signals
 from celery.exceptions import TimeLimitExceeded
 
 from worker import metrics, observability
-from worker.contract import EXCHANGE
+from worker.contract import EXCHANGE, VHOST_QUORUM
 from worker.deadletter import dead_letter
 from worker.envelope import Envelope, event_id_of
 from worker.errors import ConfigError
@@ -91,6 +91,12 @@ def use_broker_topology(app: Any, settings: Settings) -> None:
     _found.append(topology)  # recorded as metrics at worker_init, once the directory is fresh
     for queue, missing in topology.missing().items():
         design = topology.designs[queue]
+        if design == VHOST_QUORUM:
+            log.info(
+                "queue %r is a quorum queue by the vhost's default queue type; its "
+                "dead-lettering and delivery limit are the policy's (docs/producers.md)",
+                queue,
+            )
         if missing:
             log.warning(
                 "queue %r is in the %s design (exchange %r is %s): it lacks %s. "

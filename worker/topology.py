@@ -24,15 +24,17 @@ from worker.contract import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
     DEAD_LETTER_ROUTING_KEY,
-    DESIGNS,
     EXCHANGE,
     EXCHANGE_TYPES,
     MISSING_GUARANTEES,
     PLAIN,
     QUEUE,
+    QUORUM,
     RABBITMQ_DEAD_LETTER_ARGUMENTS,
     RABBITMQ_QUEUE_ARGUMENTS,
     ROUTING_KEY,
+    VHOST_QUORUM,
+    VHOST_QUORUM_ARGUMENTS,
 )
 
 #: The routing key of each work queue.
@@ -72,14 +74,19 @@ def batch_queue(broker_kind: str, design: str = PLAIN, exchange_type: str | None
 def work_queue(
     name: str, broker_kind: str, design: str = PLAIN, exchange_type: str | None = None
 ) -> Queue:
-    rabbitmq = broker_kind == "rabbitmq"
-    quorum = rabbitmq and design != PLAIN
+    arguments: dict[str, object] | None = None
+    if broker_kind == "rabbitmq" and design == QUORUM:
+        arguments = dict(RABBITMQ_QUEUE_ARGUMENTS)
+    elif broker_kind == "rabbitmq" and design == VHOST_QUORUM:
+        # Celery needs to see it: a quorum queue takes no global QoS, and gets native
+        # delayed delivery.
+        arguments = dict(VHOST_QUORUM_ARGUMENTS)
     return Queue(
         name,
         exchange_for(broker_kind, exchange_type or EXCHANGE_TYPES[design]),
         routing_key=ROUTING_KEYS[name],
         durable=True,
-        queue_arguments=dict(RABBITMQ_QUEUE_ARGUMENTS) if quorum else None,
+        queue_arguments=arguments,
     )
 
 
@@ -156,12 +163,15 @@ def discover(connection: Any, broker_kind: str) -> Topology:
     exchange_type = _first_that_fits(
         connection, EXCHANGE, "exchange", exchange_types, rabbitmq_exchange
     )
-    designs = {
-        name: _first_that_fits(
-            connection, name, "queue", list(DESIGNS), partial(_queue_only, name, broker_kind)
-        )
-        for name in ROUTING_KEYS
-    }
+    designs = {}
+    for name in ROUTING_KEYS:
+        declare = partial(_queue_only, name, broker_kind)
+        design = _first_that_fits(connection, name, "queue", [PLAIN, QUORUM], declare)
+        if design == PLAIN:
+            # The plain declaration fits a classic queue, and a quorum queue that the vhost's
+            # default queue type made of it: only the latter also fits the quorum type.
+            design = _first_that_fits(connection, name, "queue", [VHOST_QUORUM, PLAIN], declare)
+        designs[name] = design
     topology = Topology(broker_kind, exchange_type, designs)
     with _channel(connection) as channel:
         for queue in topology.queues():
