@@ -110,8 +110,8 @@ class ForeignDeclaration(Exception):  # noqa: N818  the name reads as the findin
     def __init__(self, name: str, what: str) -> None:
         super().__init__(
             f"{what} {name!r} is declared with a type or arguments the worker does not know "
-            f"(neither the plain nor the quorum design, docs/producers.md); move its messages "
-            f"into a correctly declared queue with: python -m worker queues migrate --to plain"
+            f"(in none of the designs of docs/producers.md); move its messages into a "
+            f"correctly declared queue with: python -m worker queues migrate --to plain"
         )
         self.name = name
 
