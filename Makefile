@@ -72,10 +72,11 @@ bench: install ## Throughput, latency and RSS vs a no-op task and a naive relay 
 bench-cluster: install ## events/s of 1, 2, 4 workers on a 3-node RabbitMQ cluster of its own (~4 min)
 	$(PY) -m bench.cluster $(BENCH_ARGS)
 
-lock: ## Re-pin requirements.lock (runtime, the image) and requirements-dev.lock
+lock: ## Re-pin requirements.lock (the worker extra, the image), requirements-dev.lock, requirements-producer.lock
 	$(BIN)/pip install --quiet uv
-	$(BIN)/uv pip compile pyproject.toml --extra flower --python-version 3.11 --generate-hashes -o requirements.lock
-	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes -o requirements-dev.lock
+	$(BIN)/uv pip compile pyproject.toml --extra worker --extra flower --python-version 3.11 --generate-hashes -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra worker --extra dev --python-version 3.11 --generate-hashes -o requirements-dev.lock
+	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 --generate-hashes -o requirements-producer.lock
 
 clean: ## Remove the venv and generated files
-	rm -rf $(VENV) .demo .bench .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .demo .bench .mypy_cache .ruff_cache .pytest_cache .hypothesis tests/node/node_modules

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import runpy
 import subprocess
 import sys
 import time
@@ -63,19 +62,14 @@ def main() -> None:
     broker_url, events_path, style = sys.argv[1], sys.argv[2], sys.argv[3]
     with open(events_path, encoding="utf-8") as f:
         events = json.load(f)[style]
-    app = declaring_producer(broker_url) if style == "declaring" else plain_producer(broker_url)
+    app = producer(broker_url)
     singles, batched = events["single"], events["batch"]
     batch = {"events": [{"task": e["task"], "kwargs": e["kwargs"]} for e in batched]}
+    declare = {} if style == "declaring" else {"declare": []}
     try:
         for event in singles:
-            if style == "declaring":
-                app.send_task(event["task"], kwargs=event["kwargs"])
-            else:
-                app.send_task(event["task"], kwargs=event["kwargs"], queue="totango", declare=[])
-        if style == "declaring":
-            app.send_task("totango.track_batch", kwargs=batch)
-        else:
-            app.send_task("totango.track_batch", kwargs=batch, queue="totango.batch", declare=[])
+            app.send_task(event["task"], kwargs=event["kwargs"], queue="totango", **declare)
+        app.send_task("totango.track_batch", kwargs=batch, queue="totango.batch", **declare)
     finally:
         app.close()
     ours = sorted(m for m in sys.modules if m == "worker" or m.startswith("worker."))
@@ -212,27 +206,35 @@ def run_producer(broker_url: str, tmp_path: Path, style: str) -> None:
     assert "published 5" in run.stdout, run.stdout + run.stderr
 
 
-def test_the_documented_queues_are_the_ones_the_worker_declares(tmp_path: Path) -> None:
-    """The README's queues (``totango`` and ``totango.batch``) have the worker's names,
-    exchange, routing keys and arguments, so the two cannot drift apart unnoticed (on
-    RabbitMQ a drift is PRECONDITION_FAILED)."""
-    config = tmp_path / "producer_config.py"
-    config.write_text(PRODUCER_CONFIG, encoding="utf-8")
-    names = runpy.run_path(str(config))
-    pairs = [
-        (names["TOTANGO_QUEUE"], task_queue("rabbitmq")),
-        (names["TOTANGO_BATCH_QUEUE"], batch_queue("rabbitmq")),
-    ]
-    for documented, declared in pairs:
-        assert declared.exchange is not None
-        assert (documented.name, documented.routing_key) == (declared.name, declared.routing_key)
-        assert (documented.exchange.name, documented.exchange.type) == (
-            declared.exchange.name,
-            declared.exchange.type,
-        )
-        assert documented.durable
-        assert documented.exchange.durable
-        assert documented.queue_arguments == RABBITMQ_QUEUE_ARGUMENTS
+def test_the_queues_celery_declares_by_default_are_the_ones_the_worker_declares() -> None:
+    """A Celery app with its defaults, sending to ``totango`` or ``totango.batch`` by name,
+    declares each queue as the worker does (durable, no arguments), so RabbitMQ finds the
+    declarations equivalent; the exchange it declares for ``totango`` is the worker's own
+    (direct, durable). For ``totango.batch`` Celery binds the queue to an exchange of that
+    name as well, which takes nothing from the worker's binding."""
+    app = Celery(broker="memory://", set_as_current=False)
+    try:
+        for declared in (task_queue("rabbitmq"), batch_queue("rabbitmq")):
+            stock = app.amqp.queues[declared.name]  # Celery creates the missing queue here
+            assert declared.exchange is not None
+            assert stock.exchange is not None
+            assert (stock.name, stock.routing_key) == (declared.name, declared.routing_key)
+            assert (stock.durable, stock.auto_delete, stock.exclusive) == (True, False, False)
+            assert (declared.durable, declared.auto_delete, declared.exclusive) == (
+                True,
+                False,
+                False,
+            )
+            assert not stock.queue_arguments
+            assert not declared.queue_arguments
+            assert stock.exchange.type == declared.exchange.type == "direct"
+        worker_exchange = task_queue("rabbitmq").exchange
+        stock_exchange = app.amqp.queues["totango"].exchange
+        assert worker_exchange is not None
+        assert stock_exchange is not None
+        assert (stock_exchange.name, stock_exchange.durable) == (worker_exchange.name, True)
+    finally:
+        app.close()
 
 
 @pytest.mark.integration
@@ -277,13 +279,21 @@ def test_a_producer_that_does_not_import_the_package_is_delivered(
 @pytest.mark.integration
 @pytest.mark.parametrize("broker_url", ["rabbitmq"], indirect=True)
 @pytest.mark.usefixtures("worker")
-def test_declaring_the_queue_with_other_arguments_is_refused(broker_url: str) -> None:
-    """The queue arguments are part of the contract: once the worker has declared
-    ``totango`` as a quorum queue, a producer declaring it as a classic queue (no arguments)
-    fails with PRECONDITION_FAILED instead of publishing."""
+def test_declaring_the_queue_in_the_other_design_is_refused(broker_url: str) -> None:
+    """The queue's declaration is part of the contract: once the worker has declared
+    ``totango`` in the plain design, a producer declaring it in the quorum design (a topic
+    exchange and the quorum arguments) fails with PRECONDITION_FAILED instead of
+    publishing."""
     app = Celery("careless-producer", broker=broker_url, set_as_current=False)
     app.conf.update(
-        task_queues=[Queue("totango", Exchange("totango", type="topic"), routing_key="totango")],
+        task_queues=[
+            Queue(
+                "totango",
+                Exchange("totango", type="topic"),
+                routing_key="totango",
+                queue_arguments=RABBITMQ_QUEUE_ARGUMENTS,
+            )
+        ],
         task_default_queue="totango",
         task_serializer="json",
         broker_transport_options={"confirm_publish": True},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.application import config
+from worker.application import worker_config
 from worker.errors import ConfigError
 from worker.retry import RetryPolicy
 from worker.settings import REGION_GATEWAYS, Settings, broker_kind, is_loopback
@@ -439,7 +439,7 @@ def test_task_events_setting_reaches_celery(value: str | None, expected: bool) -
     """TOTANGO_TASK_EVENTS (on unless set false) is what the app gives Celery as
     ``worker_send_task_events``, the switch for the events Flower's task views read."""
     env = {} if value is None else {"TOTANGO_TASK_EVENTS": value}
-    assert config(Settings.from_env(env))["worker_send_task_events"] is expected
+    assert worker_config(Settings.from_env(env))["worker_send_task_events"] is expected
 
 
 AMQP_2 = "amqp://guest:guest@127.0.0.1:5673//"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from worker import deadletter
+from worker.contract import DESIGNS, PLAIN
 from worker.envelope import Envelope
 from worker.errors import ConfigError
 from worker.settings import Settings
@@ -36,6 +37,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     health.add_argument("--ready", action="store_true", help="only check that it is connected")
     health.add_argument("--max-age", type=float, help="seconds (TOTANGO_HEARTBEAT_MAX_AGE)")
     commands.add_parser("demo", help="the whole flow on one machine, no servers needed")
+    queues = commands.add_parser("queues", help="the RabbitMQ work queues' design")
+    queue_actions = queues.add_subparsers(dest="action", required=True)
+    migrate = queue_actions.add_parser(
+        "migrate", help="declare totango and totango.batch again in a design, moving messages"
+    )
+    migrate.add_argument("--to", choices=DESIGNS, default=PLAIN, help="the design (plain)")
     args = parser.parse_args(argv)
     try:
         if args.command == "health":
@@ -44,10 +51,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             from worker.demo import run_demo  # noqa: PLC0415  the demo pulls in the emulator
 
             return run_demo()
+        if args.command == "queues":
+            return migrate_queues(Settings.from_env(), args.to)
         return dead_letters(args)
     except ConfigError as exc:
         print(f"bad setting {exc}", file=sys.stderr)
         return 2
+
+
+def migrate_queues(settings: Settings, design: str) -> int:
+    """Stop the workers first: a deleted queue cancels its consumers."""
+    if settings.broker_kind != "rabbitmq":
+        print("only RabbitMQ queues have a design; nothing to migrate", file=sys.stderr)
+        return 2
+    from worker.migration import migrate  # noqa: PLC0415  kombu only for commands that need it
+    from worker.producer_app import producer_app  # noqa: PLC0415
+
+    app = producer_app(settings)  # publishes with confirms (transport_options)
+    try:
+        with app.connection_for_write() as connection:
+            for moved in migrate(connection, design):
+                print(f"{moved.queue}: {moved.design} design, {moved.messages} messages moved")
+    finally:
+        app.close()
+    return 0
 
 
 def dead_letters_main(argv: Sequence[str] | None = None) -> int:
@@ -94,9 +121,12 @@ def _dead_letter_parser(parser: argparse.ArgumentParser) -> None:
 
 def dead_letters(args: argparse.Namespace) -> int:
     from worker.application import create_app  # noqa: PLC0415  Celery only for commands that need it
+    from worker.producer_app import adopt_broker_topology  # noqa: PLC0415
 
     app = create_app(Settings.from_env())
     try:
+        if args.action == "replay":  # republished to the work queues as the broker holds them
+            adopt_broker_topology(app, app.settings.broker_kind)
         return ACTIONS[args.action](app, args)
     finally:
         app.close()

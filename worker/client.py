@@ -22,7 +22,7 @@ from worker.contract import ENQUEUED_AT_HEADER
 from worker.settings import Settings
 
 if TYPE_CHECKING:
-    from worker.relay import TotangoCelery
+    from celery import Celery
 
 #: Producers may leave ``service_id`` out so that the worker's default applies; validation
 #: still needs one to check the rest of the event against.
@@ -48,24 +48,34 @@ class Prepared:
 class Producer:
     """Validates and enqueues events on the ``totango`` queue, with publisher confirms."""
 
-    def __init__(self, settings: Settings | None = None, app: TotangoCelery | None = None):
+    def __init__(self, settings: Settings | None = None, app: Celery | None = None):
         self._settings = settings
         self._app = app
+        self._adopted = False
         self._lock = threading.Lock()
 
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            self._settings = self._app.settings if self._app else Settings.from_env()
+            given = getattr(self._app, "settings", None)
+            self._settings = given if isinstance(given, Settings) else Settings.from_env()
         return self._settings
 
     @property
-    def app(self) -> TotangoCelery:
+    def app(self) -> Celery:
+        """The producer's Celery app (``worker.producer_app``: no tasks, none of the worker's
+        runtime), publishing to the work queues in the design the broker holds. Made, and
+        the broker asked, on first use."""
         with self._lock:
             if self._app is None:
-                from worker.application import create_app  # noqa: PLC0415  no Celery until first use
+                from worker.producer_app import producer_app  # noqa: PLC0415  no Celery until first use
 
-                self._app = create_app(self.settings)
+                self._app = producer_app(self.settings)
+            if not self._adopted:
+                from worker.producer_app import adopt_broker_topology  # noqa: PLC0415
+
+                adopt_broker_topology(self._app, self.settings.broker_kind)
+                self._adopted = True
             return self._app
 
     def prepare(self, task: str, **kwargs: Any) -> Prepared:

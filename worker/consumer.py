@@ -16,10 +16,11 @@ from celery import bootsteps
 from celery.worker.consumer import Consumer
 from celery.worker.consumer.delayed_delivery import DelayedDelivery
 
+from worker.contract import BATCH_QUEUE, QUEUE
 from worker.deadletter import dead_letter
 from worker.envelope import Envelope
 from worker.settings import broker_kind
-from worker.topology import batch_queue, dead_letter_queue, task_queue
+from worker.topology import dead_letter_queue
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,10 @@ class DeclareQueues(bootsteps.StartStopStep):
     def start(self, c: Any) -> None:
         kind = broker_kind(c.app.conf.broker_url)
         channel = c.connection.default_channel
-        for queue in (dead_letter_queue(kind), task_queue(kind), batch_queue(kind)):
+        # The work queues as the app holds them: in the design found on the broker when the
+        # worker started (signals.on_celeryd_init, topology.discover).
+        queues = c.app.amqp.queues
+        for queue in (dead_letter_queue(kind), queues[QUEUE], queues[BATCH_QUEUE]):
             queue(channel).declare()
 
 

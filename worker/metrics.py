@@ -140,6 +140,30 @@ def record_queue_wait(enqueued_at: Any) -> None:
         metrics().queue_wait.observe(waited)
 
 
+#: One gauge, made on first use like the others, kept apart from ``Metrics``: it is set once,
+#: at start-up, in the worker's main process (``signals.on_celeryd_init``).
+_queue_guarantees: Gauge | None = None
+
+
+def record_queue_guarantees(queue: str, design: str, missing: Iterable[str]) -> None:
+    """``totango_queue_guarantee_missing{queue, design, guarantee}`` is 1 for each guarantee
+    the queue lacks in the design it has on the broker (``contract.MISSING_GUARANTEES``)."""
+    global _queue_guarantees  # noqa: PLW0603  one gauge per process, created on first use
+    with _metrics_lock:
+        if _queue_guarantees is None:
+            path = multiprocess_dir()
+            if path is not None:
+                path.mkdir(parents=True, exist_ok=True)  # prometheus_client does not
+            _queue_guarantees = Gauge(
+                "totango_queue_guarantee_missing",
+                "A guarantee the work queue lacks in its RabbitMQ design (1 = missing)",
+                ["queue", "design", "guarantee"],
+                multiprocess_mode="liveall",  # set in the main process only, while it lives
+            )
+    for guarantee in missing:
+        _queue_guarantees.labels(queue=queue, design=design, guarantee=guarantee).set(1)
+
+
 def multiprocess_dir() -> Path | None:
     """prometheus_client's multiprocess directory, or None in single-process mode.
 

@@ -16,11 +16,13 @@ from celery import signals
 from celery.exceptions import TimeLimitExceeded
 
 from worker import metrics, observability
+from worker.contract import EXCHANGE, VHOST_QUORUM
 from worker.deadletter import dead_letter
 from worker.envelope import Envelope, event_id_of
 from worker.errors import ConfigError
 from worker.gateway import check_gateway
 from worker.settings import Settings
+from worker.topology import ForeignDeclaration, Topology, discover
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,53 @@ def on_celeryd_init(instance: Any = None, **_: Any) -> None:
         sys.stderr.write(f"totango-worker: bad setting {exc}\n")
         raise SystemExit(2) from None
     observability.init_sentry(settings)
+    use_broker_topology(instance.app, settings)
+
+
+#: The topology found at celeryd_init, in the worker's main process (sent before worker_init).
+_found: list[Topology] = []
+
+
+def use_broker_topology(app: Any, settings: Settings) -> None:
+    """Consume the work queues in the design the broker holds, before the queues are selected
+    and the pool and the consumer start.
+
+    A producer may have declared ``totango`` first, with Celery's defaults (a direct exchange
+    and a classic queue): the worker consumes it as it is and says loudly, in the log and in
+    a metric, which guarantees that design lacks. A declaration in neither design stops the
+    worker with one line naming the queue and the command that moves its messages.
+    """
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=app.conf.broker_connection_max_retries)
+            topology = discover(connection, settings.broker_kind)
+    except ForeignDeclaration as exc:
+        sys.stderr.write(f"totango-worker: {exc}\n")
+        raise SystemExit(2) from None
+    except app.connection_for_write().recoverable_connection_errors as exc:
+        sys.stderr.write(f"totango-worker: cannot reach the broker to find its queues: {exc}\n")
+        raise SystemExit(2) from None
+    topology.apply_to(app)
+    _found.append(topology)  # recorded as metrics at worker_init, once the directory is fresh
+    for queue, missing in topology.missing().items():
+        design = topology.designs[queue]
+        if design == VHOST_QUORUM:
+            log.info(
+                "queue %r is a quorum queue by the vhost's default queue type; its "
+                "dead-lettering and delivery limit are the policy's (docs/producers.md)",
+                queue,
+            )
+        if missing:
+            log.warning(
+                "queue %r is in the %s design (exchange %r is %s): it lacks %s. "
+                "Events are consumed as they are; docs/producers.md#queue-designs says what "
+                "each design keeps and how to move to the other",
+                queue,
+                design,
+                EXCHANGE,
+                topology.exchange_type,
+                ", ".join(missing),
+            )
 
 
 def on_worker_init(sender: Any = None, **_: Any) -> None:
@@ -74,6 +123,9 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
         sys.stderr.write(f"totango-worker: PROMETHEUS_MULTIPROC_DIR unusable: {exc}\n")
         raise SystemExit(2) from None
     metrics.start_metrics_server(settings.metrics_port)
+    for topology in _found:
+        for queue, missing in topology.missing().items():
+            metrics.record_queue_guarantees(queue, topology.designs[queue], missing)
 
 
 def on_worker_process_shutdown(pid: int | None = None, **_: Any) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import glob
+import json
 import os
 import secrets
 import signal
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.workers import tail
+from worker.contract import DEAD_LETTER_EXCHANGE, DEAD_LETTER_ROUTING_KEY, DELIVERY_LIMIT
 
 SIZE = 3
 #: How long one node may take to boot (about 10-15 s on this machine, more under load).
@@ -367,11 +369,29 @@ class Cluster:
 
     @contextmanager
     def vhost(self) -> Iterator[str]:
-        """A fresh vhost on the cluster for one scenario, deleted after it."""
+        """A fresh vhost on the cluster for one scenario, deleted after it, set up as
+        docs/producers.md recommends for a cluster (the vhost-quorum design): quorum by
+        default, dead-lettering and the delivery limit by policy."""
         name = f"faults-{uuid.uuid4().hex[:8]}"
         first = self.nodes[0]
-        self.ctl(first, "add_vhost", name)
+        self.ctl(first, "add_vhost", name, "--default-queue-type", "quorum")
         self.ctl(first, "set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        guarantees = {
+            "dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+            "dead-letter-routing-key": DEAD_LETTER_ROUTING_KEY,
+            "delivery-limit": DELIVERY_LIMIT,
+        }
+        self.ctl(
+            first,
+            "set_policy",
+            "-p",
+            name,
+            "--apply-to",
+            "queues",
+            "totango-guarantees",
+            r"^totango(\.batch)?$",
+            json.dumps(guarantees),
+        )
         try:
             yield name
         finally:
