@@ -12,7 +12,7 @@ from typing import Any
 from worker import batch, signals, tasks
 from worker.consumer import DeclareQueues, Heartbeat
 from worker.contract import BATCH_QUEUE, QUEUE, ROUTING_KEY, TRACK_BATCH
-from worker.gateway import Gateway
+from worker.gateway import Gateways
 from worker.process_local import PerProcess
 from worker.relay import TotangoCelery
 from worker.settings import Settings
@@ -23,7 +23,7 @@ def create_app(settings: Settings | None = None) -> TotangoCelery:
     settings = settings or Settings.from_env()
     app = TotangoCelery("totango_worker", broker=settings.broker_url, set_as_current=False)
     app.settings = settings
-    app.gateway = PerProcess(partial(Gateway, settings))
+    app.gateway = PerProcess(partial(Gateways, settings))
     app.batch_executor = PerProcess(partial(batch.new_executor, settings))
     app.conf.update(config(settings))
     app.steps["consumer"].add(DeclareQueues)

@@ -108,6 +108,7 @@ def relay_batch(
                 item.kwargs,
                 event_id=item.event_id,
                 default_service_id=settings.service_id,
+                services=settings.service_ids,
             )
         except InvalidEvent as exc:
             invalid.append((item, exc))

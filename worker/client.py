@@ -80,6 +80,7 @@ class Producer:
             args,
             event_id=None,
             default_service_id=self.settings.service_id or _PLACEHOLDER_SERVICE_ID,
+            services=self.settings.service_ids,
         )
         args["event_id"] = event.event_id  # an integer id travels as its string form
         return Prepared(self, task, args)
