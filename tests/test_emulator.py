@@ -345,3 +345,78 @@ def test_a_held_call_is_recorded_at_once_and_answered_only_after_release(
     emulator.release()
     caller.join(5)
     assert answers == [200]
+
+
+@pytest.mark.parametrize("path", ["/pixel.gif", "/pixel.gif/"])
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_pixel_gif_with_and_without_the_trailing_slash_is_the_gateway(
+    emulator: GatewayEmulator, path: str, method: str
+) -> None:
+    """Totango's examples write ``pixel.gif/?``: both paths answer the GIF and are recorded
+    (``pixel.gif/`` was a 404 before)."""
+    raw = "sdr_s=SP-1&sdr_o=a"
+    if method == "GET":
+        status, _, body = call(emulator, f"{path}?{raw}")
+    else:
+        status, _, body = call(emulator, path, method="POST", body=raw, headers=FORM)
+    assert (status, body) == (200, PIXEL_GIF)
+    (recorded,) = emulator.calls()
+    assert (recorded.method, recorded.params) == (method, (("sdr_s", "SP-1"), ("sdr_o", "a")))
+
+
+def test_post_with_the_parameters_in_its_url_is_decoded_like_a_form(
+    emulator: GatewayEmulator,
+) -> None:
+    """The seed's own form, a POST with the parameters in the URL and no body, is recorded
+    with those parameters (it was recorded with none before)."""
+    status, _, _ = call(emulator, "/pixel.gif/?sdr_s=SP-1&sdr_o=acct%201", method="POST", body=b"")
+    assert status == 200
+    (recorded,) = emulator.calls()
+    assert recorded.method == "POST"
+    assert recorded.params == (("sdr_s", "SP-1"), ("sdr_o", "acct 1"))
+    assert recorded.target == "/pixel.gif/?sdr_s=SP-1&sdr_o=acct%201"
+
+
+def test_post_with_parameters_in_url_and_body_records_both_url_first(
+    emulator: GatewayEmulator,
+) -> None:
+    """A POST to a URL with a query of its own and a form body: both, the URL's first."""
+    call(emulator, "/pixel.gif?api-token=t", method="POST", body="sdr_s=SP-1", headers=FORM)
+    (recorded,) = emulator.calls()
+    assert recorded.params == (("api-token", "t"), ("sdr_s", "SP-1"))
+    assert recorded.target == "/pixel.gif?api-token=t"
+
+
+def test_a_get_longer_than_max_url_length_is_answered_414_and_a_post_is_not() -> None:
+    """With max_url_length set, a GET whose target is longer is answered 414 URI Too Long
+    and recorded; a POST of the same parameters, and a GET within the limit, are 200."""
+    with GatewayEmulator(max_url_length=40) as emu:
+        long_query = "sdr_s=SP-1&sdr_o=" + "a" * 40
+        assert call(emu, "/pixel.gif?" + long_query)[0] == 414
+        assert call(emu, method="POST", body=long_query, headers=FORM)[0] == 200
+        assert call(emu, "/pixel.gif?sdr_s=SP-1")[0] == 200
+        assert [(c.method, c.status) for c in emu.calls()] == [
+            ("GET", 414),
+            ("POST", 200),
+            ("GET", 200),
+        ]
+
+
+def test_max_url_length_is_set_over_http_and_cleared_with_null(emulator: GatewayEmulator) -> None:
+    """The control API sets the limit and clears it; a bad limit is a 400."""
+    query = "/pixel.gif?" + "k=" + "v" * 50
+    assert control(emulator, "/_emulator/max_url_length", {"length": 20})[0] == 200
+    assert call(emulator, query)[0] == 414
+    assert control(emulator, "/_emulator/max_url_length", {"length": None})[0] == 200
+    assert call(emulator, query)[0] == 200
+    assert control(emulator, "/_emulator/max_url_length", {"length": 0})[0] == 400
+    assert control(emulator, "/_emulator/max_url_length", {"length": "20"})[0] == 400
+
+
+def test_not_gif_answers_200_with_an_html_page(emulator: GatewayEmulator) -> None:
+    """The ``not_gif`` response stands for a proxy's page: 200, HTML, not the GIF."""
+    emulator.add_rule(None, ["not_gif"])
+    status, headers, body = call(emulator, "/pixel.gif?sdr_s=SP-1")
+    assert (status, headers["Content-Type"]) == (200, "text/html")
+    assert not body.startswith(b"GIF")
+    assert [c.status for c in emulator.calls()] == ["not_gif"]

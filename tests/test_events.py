@@ -227,7 +227,6 @@ MANDATORY = [
     (ACTIVITY, "activity"),
     (ACTIVITY, "module"),
     (ACCOUNT, "account_id"),
-    (ACCOUNT, "attributes"),
     (USER, "account_id"),
     (USER, "user_id"),
     (USER, "attributes"),
@@ -305,6 +304,19 @@ def test_account_name_alone_is_an_account_attribute(
     """``account_name`` is ``sdr_o.account_name``, so it alone makes a valid account update."""
     event = build(ACCOUNT, **changes)
     assert event.params[2:] == (expected,)
+
+
+def test_account_name_alone_needs_no_attributes_argument() -> None:
+    """update_account with only account_name (no attributes argument at all) is a valid
+    account update (refused as ``attributes: is required`` before)."""
+    event = build(ACCOUNT, attributes=DROP, account_name="ACME")
+    assert event.params[2:] == (("sdr_o.account_name", "ACME"),)
+
+
+def test_update_account_with_neither_attributes_nor_account_name_is_refused() -> None:
+    """Without attributes and without account_name there is nothing to update."""
+    exc = refused(ACCOUNT, attributes=DROP)
+    assert (exc.field, exc.reason) == ("attributes", "at least one account attribute is required")
 
 
 @pytest.mark.parametrize("task", [ACTIVITY, ACCOUNT])
@@ -526,10 +538,23 @@ def test_no_event_id_anywhere_is_refused() -> None:
     assert refused(ACTIVITY, task_id=None).field == "event_id"
 
 
-@pytest.mark.parametrize("value", [17, "", "a\nb"], ids=["int", "empty", "newline"])
+@pytest.mark.parametrize(
+    "value",
+    ["", "a\nb", True, 1.5, ["e"], 10**200, 10**5000],
+    ids=["empty", "newline", "bool", "float", "list", "int-too-long", "int-over-str-limit"],
+)
 def test_malformed_event_id_in_message_is_refused(value: Any) -> None:
-    """The message's event id must be non-empty text without control characters."""
+    """The message's event id must be non-empty text without control characters, or an
+    integer of at most MAX_EVENT_ID_LENGTH digits (never a bare ValueError)."""
     assert refused(ACTIVITY, event_id=value).field == "event_id"
+
+
+@pytest.mark.parametrize("task", [ACTIVITY, ACCOUNT, USER])
+@pytest.mark.parametrize(("value", "sent"), [(17, "17"), (0, "0"), (-3, "-3")])
+def test_integer_event_id_is_accepted_as_its_decimal_form(task: str, value: int, sent: str) -> None:
+    """The README says ids may be integers: an integer event id is accepted, and the event
+    carries its string form (refused as ``invalid:event_id`` before)."""
+    assert build(task, event_id=value).event_id == sent
 
 
 # --- named attributes with rules --------------------------------------------------------------
@@ -545,11 +570,16 @@ DATE_NAMES = sorted(events.DATE_ATTRIBUTES)
         "2026-01-31T10:00:00Z",
         "2026-01-31T10:00:00+02:00",
         "2026-01-31T10:00:00.250",
-        "20260131",
+        "2026-01-31T10:00",
+        "2026-01-31T10:00Z",
+        "2026-01-31T10:00-05:30",
+        "2026-01-31T23:59:59.123456789+14:00",
+        "2024-02-29",
     ],
 )
 def test_iso_8601_date_is_accepted(name: str, value: str) -> None:
-    """Dates in ISO 8601 (date, date-time with Z or offset, basic format) are sent unchanged."""
+    """The extended calendar forms (a date; a date and time to the minute, second or a
+    fraction, with Z or an offset) are sent unchanged."""
     assert param(build(ACCOUNT, attributes={name: value}), f"sdr_o.{name}") == value
 
 
@@ -587,6 +617,205 @@ def test_non_iso_date_is_refused(name: str, value: Any) -> None:
     exc = refused(ACCOUNT, attributes={name: value})
     assert exc.field == name
     assert "ISO 8601" in exc.reason
+
+
+#: Accepted by ``fromisoformat`` (the check before), and not ISO 8601's extended calendar form.
+LENIENT_DATES = [
+    ("20260131", "basic-date"),
+    ("20260131T1000", "basic-date-time"),
+    ("2026-01-31 10:00", "space-separator"),
+    ("2026-01-31X10:00", "other-separator"),
+    ("2026-01-31t10:00", "lowercase-t"),
+    ("2026-01-31T10", "hour-only"),
+    ("2026-01-31T1000", "basic-time"),
+    ("2026-01-31T10:00:00,5", "comma-fraction"),
+    ("2026-01-31T10:00:00+0200", "basic-offset"),
+    ("2026-01-31T10:00:00.5+02", "hour-offset"),
+    ("2026-01-31T10:00:00+02:00:30", "seconds-in-offset"),
+    ("2026-W05-1", "week-date"),
+    ("2026W051", "basic-week-date"),
+    ("2026-W05", "week"),
+    ("20260131.0", "float-as-string"),
+]
+
+
+@pytest.mark.parametrize("name", DATE_NAMES)
+@pytest.mark.parametrize("value", [v for v, _ in LENIENT_DATES], ids=[i for _, i in LENIENT_DATES])
+def test_date_that_fromisoformat_took_but_iso_8601_extended_does_not_is_refused(
+    name: str, value: str
+) -> None:
+    """Only YYYY-MM-DD and YYYY-MM-DDThh:mm[:ss[.fraction]][Z|+hh:mm] pass: basic and week
+    forms, other separators and seconds in an offset are refused (all sent before)."""
+    exc = refused(ACCOUNT, attributes={name: value})
+    assert exc.field == name
+    assert exc.reason == events.DATE_RULE
+
+
+@pytest.mark.parametrize("name", DATE_NAMES)
+@pytest.mark.parametrize(
+    "value", [20260131, 20260131.0, 1769853600.5], ids=["int", "float", "epoch-float"]
+)
+def test_date_that_is_not_a_string_is_refused(name: str, value: float) -> None:
+    """A number is no date, even one whose digits read as one (sent before: 20260131)."""
+    exc = refused(ACCOUNT, attributes={name: value})
+    assert exc.field == name
+    assert exc.reason.startswith(events.DATE_RULE)
+    assert type(value).__name__ in exc.reason
+
+
+@pytest.mark.parametrize("name", DATE_NAMES)
+@pytest.mark.parametrize(
+    "value",
+    ["2026-01-31T10:60", "2026-01-31T10:00:60", "2026-01-31T10:00+24:00", "2026-01-31T10:00+02:60"],
+    ids=["minute-60", "second-60", "offset-hour-24", "offset-minute-60"],
+)
+def test_date_time_that_does_not_exist_is_refused(name: str, value: str) -> None:
+    """The right shape is not enough: the time and the offset must exist too."""
+    assert refused(ACCOUNT, attributes={name: value}).reason == events.DATE_RULE
+
+
+def test_contract_value_refusal_says_what_totango_asks_for() -> None:
+    """The message says Totango's rule: a valid number without comma separator and
+    currency sign, with the plain-decimal form spelt out."""
+    exc = refused(ACCOUNT, attributes={"Contract Value": "$1,200"})
+    assert exc.reason == events.CONTRACT_VALUE_RULE
+    assert exc.reason.startswith("must be a valid number without comma separator and currency sign")
+    assert "optional leading minus" in exc.reason
+
+
+# --- which rule applies: the prefix -----------------------------------------------------------
+
+ACCOUNT_ARGS = [(t, a, p) for t, a, p in ATTRIBUTE_ARGS if p == "sdr_o"]
+USER_ARGS = [(t, a, p) for t, a, p in ATTRIBUTE_ARGS if p == "sdr_u"]
+ACCOUNT_ARG_IDS = [f"{t.split('.')[1]}.{a}" for t, a, _ in ACCOUNT_ARGS]
+USER_ARG_IDS = [f"{t.split('.')[1]}.{a}" for t, a, _ in USER_ARGS]
+
+
+@pytest.mark.parametrize(("task", "arg", "prefix"), ACCOUNT_ARGS, ids=ACCOUNT_ARG_IDS)
+@pytest.mark.parametrize(
+    ("name", "value", "sent"),
+    [
+        ("Contact", "YES", "YES"),
+        ("Contact", True, "true"),
+        ("Key Contact", "maybe", "maybe"),
+    ],
+    ids=["contact-YES", "contact-bool", "key-contact-word"],
+)
+def test_an_account_attribute_named_like_a_user_rule_is_custom(  # noqa: PLR0917  a table row
+    task: str, arg: str, prefix: str, name: str, value: Any, sent: str
+) -> None:
+    """Contact and Key Contact are sdr_u rules: an account attribute of that name is a
+    custom attribute, sent as it is (refused, or turned into yes/no, before)."""
+    event = build(task, **with_attribute(arg, name, value))
+    assert param(event, f"{prefix}.{name}") == sent
+
+
+@pytest.mark.parametrize(("task", "arg", "prefix"), USER_ARGS, ids=USER_ARG_IDS)
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("Create Date", "last spring"),
+        ("Contract Renewal Date", "next year"),
+        ("Contract Start Date", "soon"),
+        ("Contract Value", "$1,200"),
+    ],
+)
+def test_a_user_attribute_named_like_an_account_rule_is_custom(
+    task: str, arg: str, prefix: str, name: str, value: str
+) -> None:
+    """The dates and Contract Value are sdr_o rules: a user attribute of that name is a
+    custom attribute (validated as a date or a number before)."""
+    event = build(task, **with_attribute(arg, name, value))
+    assert param(event, f"{prefix}.{name}") == value
+
+
+# --- spelling variants of a named attribute ---------------------------------------------------
+
+#: (name as written, the named attribute meant, a value its rule accepts)
+ACCOUNT_VARIANTS = [
+    ("create date", "Create Date", "2026-01-31"),
+    ("CREATE DATE", "Create Date", "2026-01-31"),
+    ("Create Date ", "Create Date", "2026-01-31"),
+    (" Contract Start Date", "Contract Start Date", "2026-01-31"),
+    ("Create Date\u200b", "Create Date", "2026-01-31"),
+    ("\ufeffContract Renewal Date", "Contract Renewal Date", "2026-01-31"),
+    ("Create%20Date", "Create Date", "2026-01-31"),
+    ("Contract%20Value", "Contract Value", "1200"),
+    ("Contract value", "Contract Value", "1200"),
+    ("Contract\u00a0Value", "Contract Value", "1200"),
+    ("Contract  Value", "Contract Value", "1200"),
+    ("success manager", "Success Manager", "jo"),
+    ("Parent_ID", "parent_id", "acme-holding"),
+    ("product_id\u2060", "product_id", "p1"),
+]
+USER_VARIANTS = [
+    ("contact", "Contact", "yes"),
+    ("CONTACT", "Contact", "no"),
+    ("Contact ", "Contact", "yes"),
+    ("Con\u200btact", "Contact", "yes"),
+    ("Key%20Contact", "Key Contact", "yes"),
+    ("key%20contact", "Key Contact", "yes"),
+    ("key contact", "Key Contact", "no"),
+    ("Key\u00a0Contact", "Key Contact", "yes"),
+    ("Key Contact\u200d", "Key Contact", "yes"),
+]
+
+
+def _variant_rows(
+    args: list[tuple[str, str, str]], variants: list[tuple[str, str | None, str]]
+) -> list[Any]:
+    return [
+        pytest.param(task, arg, name, intended, value, id=f"{task.split('.')[1]}.{arg}-{name!r}")
+        for task, arg, _ in args
+        for name, intended, value in variants
+    ]
+
+
+@pytest.mark.parametrize(
+    ("task", "arg", "name", "intended", "value"),
+    _variant_rows(ACCOUNT_ARGS, ACCOUNT_VARIANTS) + _variant_rows(USER_ARGS, USER_VARIANTS),
+)
+def test_a_spelling_variant_of_a_named_attribute_is_refused_with_a_hint(
+    task: str, arg: str, name: str, intended: str, value: str
+) -> None:
+    """A different case, leading or trailing whitespace, an invisible character or a
+    percent-encoded name copied from the documentation: refused naming the field as given,
+    and the reason names the intended attribute (each was sent as a junk custom attribute
+    before, skipping its rule)."""
+    exc = refused(task, **with_attribute(arg, name, value))
+    assert exc.field == name
+    assert f"did you mean the named attribute {intended!r}" in exc.reason
+
+
+@pytest.mark.parametrize(
+    ("name", "how"),
+    [
+        ("Key%20Contact", "percent-encoded"),
+        ("Con\u200btact", "invisible character (U+200B)"),
+        ("Contact ", "leading or trailing whitespace"),
+        ("contact", "differs in case"),
+        ("Key  Contact", "differs in spacing"),
+    ],
+)
+def test_the_hint_says_how_the_name_differs(name: str, how: str) -> None:
+    """The reason says what is wrong with the name, not only what was meant."""
+    assert how in refused(USER, attributes={name: "yes"}).reason
+
+
+@pytest.mark.parametrize(
+    ("task", "arg", "prefix", "name"),
+    [
+        (USER, "attributes", "sdr_u", "create date"),
+        (USER, "attributes", "sdr_u", "contract value"),
+        (ACCOUNT, "attributes", "sdr_o", "contact"),
+        (ACCOUNT, "attributes", "sdr_o", "key contact"),
+    ],
+)
+def test_a_variant_of_a_named_attribute_of_the_other_prefix_is_custom(
+    task: str, arg: str, prefix: str, name: str
+) -> None:
+    """Variants are checked against the named attributes of their own prefix only."""
+    assert param(build(task, **with_attribute(arg, name, "v")), f"{prefix}.{name}") == "v"
 
 
 @pytest.mark.parametrize(
@@ -866,11 +1095,30 @@ def test_writeback_false_or_absent_sends_nothing(changes: dict[str, Any]) -> Non
     assert "enableWriteback" not in names(build(ACCOUNT, **changes))
 
 
-@pytest.mark.parametrize("value", ["true", "false", 1, 0, None, "yes"])
-def test_writeback_must_be_a_bool(value: Any) -> None:
+@pytest.mark.parametrize("task", [ACTIVITY, ACCOUNT, USER])
+@pytest.mark.parametrize("value", ["true", "false", 1, 0, "yes"])
+def test_writeback_must_be_a_bool(task: str, value: Any) -> None:
     """A string or number for writeback is refused instead of guessed."""
-    exc = refused(ACCOUNT, writeback=value)
+    exc = refused(task, writeback=value)
     assert (exc.field, exc.reason) == ("writeback", "must be true or false")
+
+
+@pytest.mark.parametrize("task", [ACTIVITY, ACCOUNT, USER])
+def test_writeback_null_is_accepted_like_false(task: str) -> None:
+    """A JSON null for writeback is accepted, as for every other optional argument, and
+    sends no enableWriteback (refused as ``invalid:writeback`` before)."""
+    assert "enableWriteback" not in names(build(task, writeback=None))
+
+
+@pytest.mark.parametrize(
+    ("task", "arg"), [(ACTIVITY, "account_attributes"), (USER, "account_attributes")]
+)
+def test_writeback_is_taken_wherever_account_attributes_are(task: str, arg: str) -> None:
+    """track_activity and update_user carry account attributes too, so they take
+    writeback=True (refused as an unknown argument before): enableWriteback=true last."""
+    event = build(task, writeback=True, **{arg: {"Account Type": "Demo"}})
+    assert event.params[-1] == ("enableWriteback", "true")
+    assert param(event, "sdr_o.Account Type") == "Demo"
 
 
 # --- from_message: the shape of the message ---------------------------------------------------
@@ -912,7 +1160,6 @@ def test_positional_arguments_are_refused() -> None:
     ("task", "name"),
     [
         (ACTIVITY, "colour"),
-        (ACTIVITY, "writeback"),
         (ACTIVITY, "attributes"),
         (ACCOUNT, "user_id"),
         (ACCOUNT, "account_attributes"),

@@ -25,6 +25,7 @@ from worker.events import Event, track_activity
 from worker.gateway import (
     USER_AGENT,
     Gateway,
+    Gateways,
     ca_bundle,
     check_gateway,
     pool_size,
@@ -311,3 +312,117 @@ def test_a_ca_bundle_that_cannot_be_loaded_stops_the_worker_at_start(tmp_path: P
             check_gateway(settings, {"REQUESTS_CA_BUNDLE": bundle})
         assert caught.value.variable == "REQUESTS_CA_BUNDLE"
         assert "cannot be loaded" in caught.value.reason
+
+
+# --- the gateway URL's own query, its path ------------------------------------------------
+
+
+def test_a_get_merges_the_urls_own_query_with_the_event(emulator: GatewayEmulator) -> None:
+    """``pixel.gif?api-token=...``: the GET sends the URL's query, then ``&`` and the event,
+    so every parameter arrives (before, ``?sdr_s=`` was glued onto the token's value and the
+    event was lost behind a 200)."""
+    settings = settings_for(f"{emulator.url}/pixel.gif?api-token=a%26b")
+    sent = event()
+    assert Gateway(settings, env={}).send(sent).status == "200"
+    [call] = emulator.calls()
+    assert call.params == (("api-token", "a&b"), *sent.params)
+    assert call.target.startswith("/pixel.gif?api-token=a%26b&sdr_s=")
+
+
+def test_a_post_keeps_the_urls_own_query_in_the_url_and_the_event_in_the_body(
+    emulator: GatewayEmulator,
+) -> None:
+    """A POST is sent to the URL as configured, query included; its form body is the event
+    alone."""
+    settings = settings_for(f"{emulator.url}/pixel.gif?api-token=t", TOTANGO_HTTP_METHOD="POST")
+    sent = event()
+    assert Gateway(settings, env={}).send(sent).method == "POST"
+    [call] = emulator.calls()
+    assert call.target == "/pixel.gif?api-token=t"
+    assert call.params == (("api-token", "t"), *sent.params)
+
+
+def test_a_trailing_slash_gateway_url_is_sent_as_pixel_gif(emulator: GatewayEmulator) -> None:
+    """Totango's ``pixel.gif/`` form is accepted in the setting; the call goes to
+    ``pixel.gif``."""
+    Gateway(settings_for(f"{emulator.url}/pixel.gif/"), env={}).send(event())
+    [call] = emulator.calls()
+    assert call.target.startswith("/pixel.gif?sdr_s=")
+
+
+# --- a 200 that is not the GIF; 414 -----------------------------------------------------------
+
+
+def test_a_200_whose_body_is_not_the_gif_is_a_delivery_marked_unexpected(
+    emulator: GatewayEmulator, client: Gateway
+) -> None:
+    """A proxy's HTML page with a 200 is still "200" (Totango's rule), marked as an
+    unexpected body with an excerpt of it; the GIF is not marked."""
+    emulator.add_rule(None, ["not_gif"])
+    answer = client.send(event())
+    assert (answer.status, answer.unexpected_body) == ("200", True)
+    assert "inspected" in answer.excerpt
+    again = client.send(event())
+    assert (again.status, again.unexpected_body, again.excerpt) == ("200", False, "")
+
+
+def test_a_414_to_a_get_is_sent_again_as_a_post_in_the_same_attempt() -> None:
+    """A GET answered 414 URI Too Long (a limit shorter than TOTANGO_MAX_URL_LENGTH on the
+    way) is sent once more as a form POST at once; the answer is the POST's, and it keeps
+    the 414 it followed."""
+    with GatewayEmulator(max_url_length=300) as emu:
+        sent = event(user_attributes={"bio": "x" * 300})
+        answer = Gateway(settings_for(f"{emu.url}/pixel.gif"), env={}).send(sent)
+        assert (answer.status, answer.method) == ("200", "POST")
+        assert answer.first is not None
+        assert (answer.first.status, answer.first.method) == ("414", "GET")
+        get, post = emu.calls()
+        assert (get.method, get.status, post.method, post.status) == ("GET", 414, "POST", 200)
+        assert post.params == sent.params
+
+
+def test_a_414_to_the_post_too_is_the_answer(emulator: GatewayEmulator, client: Gateway) -> None:
+    """The fallback is made once: a POST answered 414 as well is returned as a 414 (and
+    retried later like any non-200), never a loop."""
+    emulator.add_rule(None, [414, 414])
+    answer = client.send(event())
+    assert (answer.status, answer.method) == ("414", "POST")
+    assert [(c.method, c.status) for c in emulator.calls()] == [("GET", 414), ("POST", 414)]
+
+
+# --- several services: one gateway each --------------------------------------------------------
+
+
+def test_gateways_sends_each_event_to_its_services_gateway() -> None:
+    """With TOTANGO_SERVICE_MAP, each event goes to its service's gateway (one pool per URL);
+    without it, everything goes to TOTANGO_GATEWAY_URL."""
+    with GatewayEmulator() as us, GatewayEmulator() as eu:
+        settings = Settings.from_env(
+            {
+                "TOTANGO_SERVICE_ID": "SP-1-2",
+                "TOTANGO_SERVICE_MAP": f"SP-1-2={us.url}/pixel.gif,SP-3-4={eu.url}/pixel.gif",
+            }
+        )
+        gateways = Gateways(settings, env={})
+        try:
+            assert len(gateways.by_url) == 2
+            to_us = event(service_id="SP-1-2")
+            to_eu = event(service_id="SP-3-4")
+            assert gateways.send(to_us).status == "200"
+            assert gateways.send(to_eu).status == "200"
+        finally:
+            gateways.close()
+        assert [c.params for c in us.calls()] == [to_us.params]
+        assert [c.params for c in eu.calls()] == [to_eu.params]
+
+
+def test_check_gateway_builds_every_mapped_gateway(tmp_path: Path) -> None:
+    """A CA bundle that cannot be loaded stops the worker at start with a service map too."""
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    settings = Settings.from_env(
+        {"TOTANGO_SERVICE_MAP": "SP-1-2=us,SP-3-4=eu", "TOTANGO_SERVICE_ID": "SP-1-2"}
+    )
+    with pytest.raises(ConfigError) as info:
+        check_gateway(settings, env={"REQUESTS_CA_BUNDLE": str(bad)})
+    assert info.value.variable == "REQUESTS_CA_BUNDLE"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -55,7 +56,7 @@ ALL_ARGS = {
         *(arg for arg, _ in ATTRIBUTE_ARGS[task]),
         "service_id",
         "event_id",
-        *(["writeback"] if task == UPDATE_ACCOUNT else []),
+        "writeback",
     }
     for task in TASKS
 }
@@ -169,7 +170,9 @@ SERVICE_IDS = often(
     st.one_of(st.none(), st.sampled_from(["SP-1-2", "SP-0000-11"])),
     st.one_of(st.sampled_from(["SP-1-2\n", "sp-1-2", "SP-\u0661-2", "SP-1"]), TEXT, st.integers()),
 )
-EVENT_IDS = often(st.one_of(st.none(), SAFE_TEXT), st.one_of(TEXT, st.integers()))
+EVENT_IDS = often(
+    st.one_of(st.none(), SAFE_TEXT, st.integers()), st.one_of(TEXT, st.booleans(), st.floats())
+)
 WRITEBACK = often(st.booleans(), st.one_of(st.none(), st.integers(), TEXT))
 
 ARG_VALUES: dict[str, st.SearchStrategy[Any]] = {
@@ -233,16 +236,17 @@ def check_refusal(exc: InvalidEvent, task: str, kwargs: Any) -> None:
     assert len(field) <= MAX_NAME_LENGTH
 
 
-def rendered(name: str, value: Any) -> str:
-    """The wire form of one attribute value, worked out without events.py where possible."""
-    if name in events.YES_NO_ATTRIBUTES and isinstance(value, bool):
+def rendered(prefix: str, name: str, value: Any) -> str:
+    """The wire form of one attribute value, worked out without events.py where possible.
+    Contact and Key Contact map a bool to yes/no under ``sdr_u`` only."""
+    if prefix == "sdr_u" and name in events.YES_NO_ATTRIBUTES and isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        text = events.attribute_value(name, value)
+        text = events.attribute_value(prefix, name, value)
         assert text is not None
         assert "e" not in text.lower(), "a float is sent without an exponent"
         assert float(text) == value
@@ -253,6 +257,12 @@ def rendered(name: str, value: Any) -> str:
 
 def as_id(value: Any) -> str:
     return str(value) if isinstance(value, int) else value
+
+
+def expected_event_id(kwargs: dict[str, Any]) -> str:
+    """The message's event id (an integer one as its decimal form), else the task id."""
+    value = kwargs.get("event_id")
+    return "e" if value is None else as_id(value)
 
 
 def expected_params(task: str, kwargs: dict[str, Any]) -> Counter[tuple[str, str]]:
@@ -270,7 +280,7 @@ def expected_params(task: str, kwargs: dict[str, Any]) -> Counter[tuple[str, str
     for arg, prefix in ATTRIBUTE_ARGS[task]:
         for name, value in (kwargs.get(arg) or {}).items():
             if value is not None:
-                params.append((f"{prefix}.{name}", rendered(name, value)))
+                params.append((f"{prefix}.{name}", rendered(prefix, name, value)))
     if kwargs.get("writeback") is True:
         params.append(("enableWriteback", "true"))
     return Counter(params)
@@ -287,7 +297,7 @@ def check_event(event: events.Event, task: str, kwargs: dict[str, Any]) -> None:
     assert event.account_id == as_id(kwargs["account_id"])
     assert event.user_id == (None if task == UPDATE_ACCOUNT else as_id(kwargs["user_id"]))
     assert ("sdr_s", event.service_id) in event.params
-    assert event.event_id == (kwargs.get("event_id") or "e")
+    assert event.event_id == expected_event_id(kwargs)
 
 
 def outcome(task: str, kwargs: Any) -> events.Event | InvalidEvent:
@@ -328,13 +338,20 @@ GOOD_VALUES = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False),
     st.text(ANY_CHAR.filter(lambda c: not 0xD800 <= ord(c) <= 0xDFFF), max_size=20),
 )
+#: Every date and date-time Python writes with ``isoformat`` (what the producer API sends for
+#: a ``date`` or ``datetime``), with and without a UTC offset of whole minutes.
+OFFSETS = st.integers(-23 * 60 - 59, 23 * 60 + 59).map(lambda m: timezone(timedelta(minutes=m)))
+ISO_DATES = st.one_of(
+    st.dates().map(date.isoformat),
+    st.datetimes().map(datetime.isoformat),
+    st.datetimes(timezones=OFFSETS).map(datetime.isoformat),
+    st.datetimes().map(lambda d: d.isoformat(timespec="minutes")),
+    st.datetimes(timezones=st.just(UTC)).map(
+        lambda d: d.isoformat(timespec="seconds").replace("+00:00", "Z")
+    ),
+)
 GOOD_BY_NAME: dict[str, st.SearchStrategy[Any]] = {
-    **{
-        name: st.sampled_from(
-            ["2026-01-31", "2026-01-31T10:00:00Z", "2026-01-31T10:00:00+02:00", None]
-        )
-        for name in events.DATE_ATTRIBUTES
-    },
+    **{name: st.one_of(st.none(), ISO_DATES) for name in events.DATE_ATTRIBUTES},
     **{
         name: st.sampled_from(["yes", "no", True, False, None]) for name in events.YES_NO_ATTRIBUTES
     },
@@ -347,15 +364,28 @@ GOOD_BY_NAME: dict[str, st.SearchStrategy[Any]] = {
 
 
 @st.composite
-def good_attributes(draw: st.DrawFn) -> dict[str, Any]:
+def good_attributes(draw: st.DrawFn, prefix: str) -> dict[str, Any]:
     names = draw(
         st.lists(
-            st.one_of(st.sampled_from(NAMED_ATTRIBUTES), SAFE_TEXT),
+            st.one_of(st.sampled_from(NAMED_ATTRIBUTES), SAFE_TEXT).filter(
+                lambda name: events.misspelt_named_attribute(prefix, name) is None
+            ),
             max_size=6,
             unique=True,
         )
     )
-    return {name: draw(GOOD_BY_NAME.get(name, GOOD_VALUES)) for name in names}
+    rules = events.NAMED_ATTRIBUTES[prefix]
+    return {
+        name: draw(GOOD_BY_NAME[name] if name in rules else custom_values(name)) for name in names
+    }
+
+
+def custom_values(name: str) -> st.SearchStrategy[Any]:
+    """A custom attribute takes any good value; one named like the other prefix's rule
+    (an account ``Contact``) still gets that rule's values sometimes."""
+    if name in GOOD_BY_NAME:
+        return st.one_of(GOOD_BY_NAME[name], GOOD_VALUES)
+    return GOOD_VALUES
 
 
 GOOD_IDS = st.one_of(SAFE_TEXT, st.integers())
@@ -369,9 +399,9 @@ def good_messages(draw: st.DrawFn, task: str) -> dict[str, Any]:
     if task == TRACK_ACTIVITY:
         kwargs["activity"] = draw(SAFE_TEXT)
         kwargs["module"] = draw(SAFE_TEXT)
-    for arg, _ in ATTRIBUTE_ARGS[task]:
+    for arg, prefix in ATTRIBUTE_ARGS[task]:
         if arg == "attributes" or draw(st.booleans()):
-            kwargs[arg] = draw(good_attributes())
+            kwargs[arg] = draw(good_attributes(prefix))
     if task != UPDATE_USER and draw(st.booleans()):
         kwargs["account_name"] = draw(SAFE_TEXT)
         for arg in ("attributes", "account_attributes"):
@@ -379,9 +409,9 @@ def good_messages(draw: st.DrawFn, task: str) -> dict[str, Any]:
     if draw(st.booleans()):
         kwargs["service_id"] = draw(st.from_regex(r"SP-[0-9]{1,6}-[0-9]{1,4}", fullmatch=True))
     if draw(st.booleans()):
-        kwargs["event_id"] = draw(SAFE_TEXT)
-    if task == UPDATE_ACCOUNT and draw(st.booleans()):
-        kwargs["writeback"] = draw(st.booleans())
+        kwargs["event_id"] = draw(st.one_of(SAFE_TEXT, st.integers(-(10**30), 10**30)))
+    if draw(st.booleans()):
+        kwargs["writeback"] = draw(st.one_of(st.booleans(), st.none()))
     return kwargs
 
 
@@ -400,7 +430,7 @@ def test_valid_message_is_accepted_and_encoded_exactly(task: str, data: st.DataO
     """A message within every documented rule is never refused, and encodes exactly."""
     kwargs = data.draw(good_messages(task), label="kwargs")
     if task == UPDATE_ACCOUNT:
-        assume(has_value(kwargs["attributes"]) or "account_name" in kwargs)
+        assume(has_value(kwargs.get("attributes")) or "account_name" in kwargs)
     if task == UPDATE_USER:
         assume(has_value(kwargs["attributes"]))
     result = outcome(task, kwargs)
@@ -422,9 +452,68 @@ def test_unknown_task_is_always_refused_as_task(task: str, kwargs: Any) -> None:
 @given(value=st.floats(allow_nan=False, allow_infinity=False))
 def test_every_finite_float_is_a_plain_contract_value(value: float) -> None:
     """Any finite float is accepted as Contract Value and rendered without an exponent."""
-    text = events.attribute_value("Contract Value", value)
+    text = events.attribute_value("sdr_o", "Contract Value", value)
     assert text is not None
     assert float(text) == value
     assert "e" not in text.lower()
     assert len(text) <= MAX_VALUE_LENGTH
     assert math.isfinite(float(text))
+
+
+@settings(max_examples=500, deadline=None)
+@given(name=st.sampled_from(sorted(events.DATE_ATTRIBUTES)), value=ISO_DATES)
+def test_every_python_isoformat_is_an_accepted_date(name: str, value: str) -> None:
+    """What ``date.isoformat`` and ``datetime.isoformat`` write (the producer API's form for
+    date objects) is always an accepted date, sent unchanged."""
+    assert events.attribute_value("sdr_o", name, value) == value
+
+
+PREFIXED_NAMES = [
+    (prefix, name) for prefix, names in events.NAMED_ATTRIBUTES.items() for name in sorted(names)
+]
+INVISIBLE = st.sampled_from(["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad"])
+
+
+@st.composite
+def variants(draw: st.DrawFn) -> tuple[str, str, str]:
+    """A named attribute with one or more of: its case changed, whitespace around it, an
+    invisible character inside, its spaces percent-encoded."""
+    prefix, name = draw(st.sampled_from(PREFIXED_NAMES))
+    variant = name
+    changes = draw(st.sets(st.sampled_from(["case", "space", "invisible", "percent"]), min_size=1))
+    if "case" in changes:
+        flips = draw(st.lists(st.booleans(), min_size=len(name), max_size=len(name)))
+        variant = "".join(c.swapcase() if f else c for c, f in zip(variant, flips, strict=True))
+    if "percent" in changes and " " in variant:
+        variant = variant.replace(" ", draw(st.sampled_from(["%20", "%20"])))
+    if "invisible" in changes:
+        at = draw(st.integers(0, len(variant)))
+        variant = variant[:at] + draw(INVISIBLE) + variant[at:]
+    if "space" in changes:
+        variant = (
+            draw(st.sampled_from(["", " ", "  ", "\u00a0"]))
+            + variant
+            + draw(st.sampled_from([" ", "\u3000", "\u00a0"]))
+        )
+    assume(variant != name)
+    return prefix, name, variant
+
+
+@settings(max_examples=1000, deadline=None)
+@given(variant=variants())
+def test_every_spelling_variant_of_a_named_attribute_is_refused_with_its_name(
+    variant: tuple[str, str, str],
+) -> None:
+    """However a named attribute is misspelt (case, whitespace, invisible characters,
+    percent-encoding), it is refused naming the field, and the hint names the attribute."""
+    prefix, name, written = variant
+    task, arg = (UPDATE_ACCOUNT, "attributes") if prefix == "sdr_o" else (UPDATE_USER, "attributes")
+    kwargs = {
+        "account_id": "a",
+        arg: {written: "x"},
+        **({"user_id": "u"} if task == UPDATE_USER else {}),
+    }
+    result = outcome(task, kwargs)
+    assert isinstance(result, InvalidEvent)
+    assert result.field == written
+    assert repr(name) in result.reason

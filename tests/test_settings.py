@@ -489,3 +489,134 @@ def test_a_single_url_with_a_bad_port_is_refused() -> None:
     assert config_error({"TOTANGO_BROKER_URL": "amqp://127.0.0.1:x//"}).reason == (
         "is not a valid URL"
     )
+
+
+# --- the gateway URL: path, query, fragment ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "kept"),
+    [
+        ("https://sdr.totango.com/pixel.gif/", "https://sdr.totango.com/pixel.gif"),
+        ("https://sdr.totango.com/pixel.gif/?t=1", "https://sdr.totango.com/pixel.gif?t=1"),
+        ("https://proxy.example/totango/pixel.gif", "https://proxy.example/totango/pixel.gif"),
+        (
+            "https://sdr.totango.com/pixel.gif?api-token=a%26b",
+            "https://sdr.totango.com/pixel.gif?api-token=a%26b",
+        ),
+    ],
+    ids=["trailing-slash", "trailing-slash-query", "behind-a-path", "query"],
+)
+def test_a_gateway_url_ending_in_pixel_gif_is_kept_with_its_query(url: str, kept: str) -> None:
+    """``pixel.gif`` and Totango's ``pixel.gif/`` are accepted; the worker sends
+    ``pixel.gif``; a query of the URL's own is kept (it is merged into every call)."""
+    assert Settings.from_env({"TOTANGO_GATEWAY_URL": url}).gateway_url == kept
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://sdr.totango.com/",
+        "https://sdr.totango.com",
+        "https://sdr.totango.com/pixel.png",
+        "https://sdr.totango.com/pixel.gif/x",
+        "https://sdr.totango.com/pixel.gif#top",
+        "https://sdr.totango.com/pixel.gif?sdr_s=SP-1-2",
+        "https://sdr.totango.com/pixel.gif?t=1&SDR_o.plan=x",
+        "https://sdr.totango.com/pixel.gif?enableWriteback=true",
+        "https://sdr.totango.com:99999/pixel.gif",
+    ],
+    ids=[
+        "root",
+        "no-path",
+        "other-file",
+        "below-pixel",
+        "fragment",
+        "event-parameter",
+        "event-parameter-any-case",
+        "writeback",
+        "port-out-of-range",
+    ],
+)
+def test_a_gateway_url_that_is_not_pixel_gif_or_carries_event_parameters_is_refused(
+    url: str,
+) -> None:
+    """The path must be pixel.gif, with no fragment, and the URL's query must not carry an
+    event's parameters (they would be sent twice): a ConfigError at start, not lost events."""
+    assert config_error({"TOTANGO_GATEWAY_URL": url}).variable == "TOTANGO_GATEWAY_URL"
+
+
+# --- the service map ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            "SP-1-2=us,SP-3-4=eu",
+            {"SP-1-2": REGION_GATEWAYS["us"], "SP-3-4": REGION_GATEWAYS["eu"]},
+        ),
+        (" SP-1-2 = EU ", {"SP-1-2": REGION_GATEWAYS["eu"]}),
+        (
+            "SP-1-2=http://127.0.0.1:9/pixel.gif/,SP-3-4=https://gw.example/pixel.gif?t=a=b",
+            {
+                "SP-1-2": "http://127.0.0.1:9/pixel.gif",
+                "SP-3-4": "https://gw.example/pixel.gif?t=a=b",
+            },
+        ),
+    ],
+    ids=["regions", "spaces-and-case", "urls"],
+)
+def test_the_service_map_maps_each_service_to_a_gateway_url(
+    raw: str, expected: dict[str, str]
+) -> None:
+    """TOTANGO_SERVICE_MAP takes a region name or a gateway URL (checked like
+    TOTANGO_GATEWAY_URL) for each service id."""
+    settings = Settings.from_env({"TOTANGO_SERVICE_MAP": raw})
+    assert dict(settings.service_map or ()) == expected
+    assert settings.service_ids == frozenset(expected)
+    assert {sid: settings.gateway_for(sid) for sid in expected} == expected
+    assert set(settings.gateway_urls) == set(expected.values())
+
+
+def test_without_a_service_map_every_service_goes_to_the_gateway_url() -> None:
+    """No map: no restriction on service ids, one gateway."""
+    settings = Settings.from_env({"TOTANGO_REGION": "eu"})
+    assert (settings.service_map, settings.service_ids) == (None, None)
+    assert settings.gateway_for("SP-9-9") == REGION_GATEWAYS["eu"]
+    assert settings.gateway_urls == (REGION_GATEWAYS["eu"],)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"TOTANGO_SERVICE_MAP": "SP-1-2"},
+        {"TOTANGO_SERVICE_MAP": "SP-1-2=us,"},
+        {"TOTANGO_SERVICE_MAP": "=us"},
+        {"TOTANGO_SERVICE_MAP": "sp-1-2=us"},
+        {"TOTANGO_SERVICE_MAP": "SP-1-2=us,SP-1-2=eu"},
+        {"TOTANGO_SERVICE_MAP": "SP-1-2=asia"},
+        {"TOTANGO_SERVICE_MAP": "SP-1-2=https://gw.example/other.gif"},
+        {"TOTANGO_SERVICE_MAP": "SP-1-2=http://gw.example/pixel.gif"},
+        {"TOTANGO_SERVICE_MAP": "SP-1-2=us", "TOTANGO_GATEWAY_URL": "https://gw.example/pixel.gif"},
+        {"TOTANGO_SERVICE_MAP": "SP-1-2=us", "TOTANGO_SERVICE_ID": "SP-3-4"},
+    ],
+    ids=[
+        "no-target",
+        "empty-entry",
+        "no-service",
+        "bad-service-id",
+        "twice",
+        "unknown-region",
+        "not-pixel-gif",
+        "plain-http",
+        "gateway-url-too",
+        "default-service-not-mapped",
+    ],
+)
+def test_a_bad_service_map_stops_the_worker_at_start_naming_the_variable(
+    env: dict[str, str],
+) -> None:
+    """Every mistake in the map is a ConfigError naming TOTANGO_SERVICE_MAP, so that no event
+    goes to a gateway that is not its service's."""
+    assert config_error(env).variable == "TOTANGO_SERVICE_MAP"

@@ -20,12 +20,16 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 GATEWAY_PATH = "/pixel.gif"
+#: Totango's examples write ``pixel.gif/?...``: both reach the gateway.
+GATEWAY_PATHS = (GATEWAY_PATH, GATEWAY_PATH + "/")
 # A valid 1x1 transparent GIF, 43 bytes.
 PIXEL_GIF = (
     b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
     b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
 )
-_FAILURES = ("timeout", "reset")
+#: ``not_gif`` answers 200 with an HTML page, as a TLS-inspecting proxy might.
+_FAILURES = ("timeout", "reset", "not_gif")
+NOT_GIF_PAGE = b"<html><body>Your request is being inspected.</body></html>"
 
 Response = int | str
 
@@ -40,6 +44,8 @@ class Call:
     status: Response
     received_at: float
     headers: dict[str, str] = field(compare=False)
+    #: The request target as sent (path and query): where a POST put its parameters.
+    target: str = field(default="", compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,6 +54,7 @@ class Call:
             "raw": self.raw,
             "status": self.status,
             "received_at": self.received_at,
+            "target": self.target,
         }
 
 
@@ -68,7 +75,15 @@ def _check_response(response: object) -> Response:
         return response
     if response in _FAILURES:
         return str(response)
-    raise ValueError(f"response must be a status 200-599, 'timeout' or 'reset', not {response!r}")
+    raise ValueError(
+        f"response must be a status 200-599, 'timeout', 'reset' or 'not_gif', not {response!r}"
+    )
+
+
+def _check_length(length: object) -> int | None:
+    if length is None or (isinstance(length, int) and not isinstance(length, bool) and length > 0):
+        return length
+    raise ValueError(f"max_url_length must be a positive integer or null, not {length!r}")
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
@@ -81,10 +96,19 @@ def _json_object(body: bytes) -> dict[str, Any]:
 class GatewayEmulator:
     """The gateway on a loopback port; program failures with add_rule() and set_outage()."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        delay: float = 0.0,
+        max_url_length: int | None = None,
+    ) -> None:
         self.host = host
         self._port = port
         self.delay = delay
+        #: A GET whose request target (path and query) is longer is answered 414 URI Too
+        #: Long, as a proxy or a gateway with a shorter limit would; None: no limit.
+        self.max_url_length = _check_length(max_url_length)
         self.hang_seconds = 5.0
         #: The longest a call waits while the emulator holds (``hold``), so nothing hangs.
         self.max_hold = 120.0
@@ -155,6 +179,9 @@ class GatewayEmulator:
     def release(self) -> None:
         self._open.set()
 
+    def set_max_url_length(self, length: int | None) -> None:
+        self.max_url_length = _check_length(length)
+
     def add_rule(
         self,
         match: dict[str, str] | None,
@@ -203,13 +230,20 @@ class GatewayEmulator:
             time.sleep(0.01)
 
     def _decide(
-        self, method: str, raw: str, headers: dict[str, str]
+        self,
+        method: str,
+        raw: str,
+        headers: dict[str, str],
+        too_long: bool = False,
+        target: str = "",
     ) -> tuple[Response, str | None]:
         params = tuple(parse_qsl(raw, keep_blank_values=True))
         with self._lock:
             response: Response = 200
             retry_after = None
-            if self._outage is not None:
+            if too_long:
+                response = 414
+            elif self._outage is not None:
                 response, retry_after = self._outage
             else:
                 rule = next((r for r in self._rules if r.matches(params)), None)
@@ -217,7 +251,8 @@ class GatewayEmulator:
                     response, retry_after = rule.responses.pop(0), rule.retry_after
                     if not rule.responses:
                         self._rules.remove(rule)
-            self._calls.append(Call(method, params, raw, response, time.time(), headers))
+            call = Call(method, params, raw, response, time.time(), headers, target)
+            self._calls.append(call)
         return response, retry_after
 
 
@@ -299,9 +334,16 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length > 0 else b""
         parts = urlsplit(self.path)
         emulator = self.server.emulator
-        if parts.path == GATEWAY_PATH and method in ("GET", "POST"):
-            raw = parts.query if method == "GET" else body.decode("utf-8", "replace")
-            self._gateway(method, raw)
+        if parts.path in GATEWAY_PATHS and method in ("GET", "POST"):
+            raw = parts.query
+            if method == "POST":
+                # A form body, or the parameters in the URL of the POST as Totango's own
+                # examples write them, or both: the URL's first.
+                form = body.decode("utf-8", "replace")
+                raw = "&".join(part for part in (raw, form) if part)
+            limit = emulator.max_url_length
+            too_long = method == "GET" and limit is not None and len(self.path) > limit
+            self._gateway(method, raw, too_long)
         elif (method, parts.path) == ("GET", "/_emulator/health"):
             self._send(200, b"ok", "text/plain")
         elif (method, parts.path) == ("GET", "/_emulator/calls"):
@@ -324,6 +366,8 @@ class _Handler(BaseHTTPRequestHandler):
                 emulator.set_outage(data.get("response"), data.get("retry_after"))
             elif path == "/_emulator/delay":
                 emulator.set_delay(float(data["seconds"]))
+            elif path == "/_emulator/max_url_length":
+                emulator.set_max_url_length(data["length"])
             else:
                 self._send(404, b"not found", "text/plain")
                 return
@@ -332,9 +376,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send_json(200, {"ok": True})
 
-    def _gateway(self, method: str, raw: str) -> None:
+    def _gateway(self, method: str, raw: str, too_long: bool = False) -> None:
         emulator = self.server.emulator
-        response, retry_after = emulator._decide(method, raw, dict(self.headers.items()))
+        headers = dict(self.headers.items())
+        response, retry_after = emulator._decide(method, raw, headers, too_long, self.path)
         emulator._open.wait(emulator.max_hold)
         if response == "reset":
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -348,6 +393,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if emulator.delay > 0:
             time.sleep(emulator.delay)
+        if response == "not_gif":
+            self._send(200, NOT_GIF_PAGE, "text/html")
+            return
         status = int(response)
         if status == 200:
             self._send(200, PIXEL_GIF, "image/gif")
@@ -379,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port; 0 picks a free one")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="delay before each answer")
+    parser.add_argument(
+        "--max-url-length", type=int, default=None, help="answer 414 to a longer GET target"
+    )
     args = parser.parse_args(argv)
 
     stopping = threading.Event()
@@ -388,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    emulator = GatewayEmulator(args.host, args.port, args.delay_ms / 1000)
+    emulator = GatewayEmulator(args.host, args.port, args.delay_ms / 1000, args.max_url_length)
     emulator.start()
     print(f"gateway emulator listening on {emulator.url}", flush=True)
     try:

@@ -11,7 +11,7 @@ from typing import Any
 
 from worker import batch, signals, tasks
 from worker.consumer import DeclareQueues, Heartbeat
-from worker.gateway import Gateway
+from worker.gateway import Gateways
 from worker.process_local import PerProcess
 from worker.producer_app import config, transport_options
 from worker.relay import TotangoCelery
@@ -22,7 +22,7 @@ def create_app(settings: Settings | None = None) -> TotangoCelery:
     settings = settings or Settings.from_env()
     app = TotangoCelery("totango_worker", broker=settings.broker_url, set_as_current=False)
     app.settings = settings
-    app.gateway = PerProcess(partial(Gateway, settings))
+    app.gateway = PerProcess(partial(Gateways, settings))
     app.batch_executor = PerProcess(partial(batch.new_executor, settings))
     app.conf.update(config(settings))
     app.conf.update(worker_config(settings))

@@ -21,7 +21,7 @@ from celery import Task
 from worker import events, metrics, relay
 from worker.contract import ENQUEUED_AT_HEADER, FIRST_ATTEMPT_HEADER, TRACK_BATCH
 from worker.deadletter import PUBLISH_RETRY_POLICY, dead_letter
-from worker.envelope import Envelope, now_iso
+from worker.envelope import Envelope, event_id_of, now_iso
 from worker.errors import InvalidEvent
 from worker.gateway import Answer
 from worker.outcome import Outcome
@@ -61,10 +61,8 @@ class Item:
     index: int
     task: str
     kwargs: dict[str, Any]
-
-    @property
-    def event_id(self) -> str:
-        return str(self.kwargs["event_id"])
+    #: The event's own id (an integer one in its decimal form), else ``<batch id>:<index>``.
+    event_id: str
 
 
 def items_of(kwargs: dict[str, Any], positional: tuple[Any, ...], batch_id: str) -> list[Item]:
@@ -77,7 +75,8 @@ def items_of(kwargs: dict[str, Any], positional: tuple[Any, ...], batch_id: str)
     for index, (task, event_kwargs) in enumerate(events.batch_items(kwargs["events"])):
         if event_kwargs.get("event_id") is None:
             event_kwargs["event_id"] = f"{batch_id}:{index}"
-        items.append(Item(index, task, event_kwargs))
+        event_id = event_id_of(event_kwargs, None) or f"{batch_id}:{index}"
+        items.append(Item(index, task, event_kwargs, event_id))
     return items
 
 
@@ -109,6 +108,7 @@ def relay_batch(
                 item.kwargs,
                 event_id=item.event_id,
                 default_service_id=settings.service_id,
+                services=settings.service_ids,
             )
         except InvalidEvent as exc:
             invalid.append((item, exc))

@@ -13,8 +13,9 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from worker import events
@@ -80,16 +81,18 @@ class Producer:
 
     def prepare(self, task: str, **kwargs: Any) -> Prepared:
         """Validate an event and give it an id; raises ``InvalidEvent`` naming the field."""
-        args = {k: v for k, v in kwargs.items() if v is not None}
+        args = {k: _iso_dates(k, v) for k, v in kwargs.items() if v is not None}
         if args.get("writeback") is False:
             del args["writeback"]
         args.setdefault("event_id", str(uuid.uuid4()))
-        events.from_message(
+        event = events.from_message(
             task,
             args,
             event_id=None,
             default_service_id=self.settings.service_id or _PLACEHOLDER_SERVICE_ID,
+            services=self.settings.service_ids,
         )
+        args["event_id"] = event.event_id  # an integer id travels as its string form
         return Prepared(self, task, args)
 
     def enqueue(self, prepared: Prepared) -> str:
@@ -128,6 +131,17 @@ class Producer:
         return self.prepare(events.UPDATE_USER, **kwargs).enqueue()
 
 
+_ATTRIBUTE_ARGUMENTS = frozenset({"attributes", "account_attributes", "user_attributes"})
+
+
+def _iso_dates(argument: str, value: Any) -> Any:
+    """Attribute values that are ``date`` or ``datetime`` objects, as ISO 8601 strings: on
+    the wire only strings cross (``datetime.isoformat`` writes the extended form)."""
+    if argument not in _ATTRIBUTE_ARGUMENTS or not isinstance(value, Mapping):
+        return value
+    return {k: v.isoformat() if isinstance(v, date) else v for k, v in value.items()}
+
+
 _default: Producer | None = None
 _default_lock = threading.Lock()
 
@@ -149,8 +163,9 @@ def track_activity(
     account_name: str | None = None,
     account_attributes: dict[str, Any] | None = None,
     user_attributes: dict[str, Any] | None = None,
+    writeback: bool = False,
     service_id: str | None = None,
-    event_id: str | None = None,
+    event_id: str | int | None = None,
 ) -> str:
     """Enqueue an activity; returns its event id. Raises ``InvalidEvent`` on bad input."""
     return default_producer().track_activity(
@@ -161,6 +176,7 @@ def track_activity(
         account_name=account_name,
         account_attributes=account_attributes,
         user_attributes=user_attributes,
+        writeback=writeback,
         service_id=service_id,
         event_id=event_id,
     )
@@ -169,11 +185,11 @@ def track_activity(
 def update_account(
     *,
     account_id: str,
-    attributes: dict[str, Any],
+    attributes: dict[str, Any] | None = None,
     account_name: str | None = None,
     writeback: bool = False,
     service_id: str | None = None,
-    event_id: str | None = None,
+    event_id: str | int | None = None,
 ) -> str:
     """Enqueue an account attribute update; returns its event id."""
     return default_producer().update_account(
@@ -192,8 +208,9 @@ def update_user(
     user_id: str,
     attributes: dict[str, Any],
     account_attributes: dict[str, Any] | None = None,
+    writeback: bool = False,
     service_id: str | None = None,
-    event_id: str | None = None,
+    event_id: str | int | None = None,
 ) -> str:
     """Enqueue a user attribute update; returns its event id."""
     return default_producer().update_user(
@@ -201,6 +218,7 @@ def update_user(
         user_id=user_id,
         attributes=attributes,
         account_attributes=account_attributes,
+        writeback=writeback,
         service_id=service_id,
         event_id=event_id,
     )

@@ -219,9 +219,14 @@ def _message_fields(
 
 
 def event_id_of(kwargs: Any, task_id: str | None) -> str | None:
-    """The event id of a message: its own ``event_id`` argument, else its task id."""
-    if isinstance(kwargs, dict) and isinstance(kwargs.get("event_id"), str):
-        return str(kwargs["event_id"])
+    """The event id of a message: its own ``event_id`` argument (an integer one in its
+    decimal form, as ``events.event_id_text`` makes it), else its task id."""
+    if isinstance(kwargs, dict):
+        value = kwargs.get("event_id")
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() < 420:
+            return str(value)  # 420 bits: at most 127 digits, within MAX_EVENT_ID_LENGTH
     return task_id
 
 

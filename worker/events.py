@@ -9,12 +9,13 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable, Mapping
+import unicodedata
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date
 from decimal import Decimal
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from worker.contract import TRACK_ACTIVITY, TRACK_BATCH, UPDATE_ACCOUNT, UPDATE_USER
 from worker.errors import InvalidEvent
@@ -51,9 +52,45 @@ SERVICE_ID_RE = re.compile(r"SP-[0-9]+-[0-9]+")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _PLAIN_NUMBER_RE = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 
+#: Totango's named attributes with rules. Each rule belongs to a prefix, as Totango's table
+#: has it: the dates and Contract Value are account (``sdr_o.``) rules, Contact and Key Contact
+#: user (``sdr_u.``) rules. The same name under the other prefix is a custom attribute.
 DATE_ATTRIBUTES = frozenset({"Create Date", "Contract Renewal Date", "Contract Start Date"})
 YES_NO_ATTRIBUTES = frozenset({"Contact", "Key Contact"})
 NUMBER_ATTRIBUTES = frozenset({"Contract Value"})
+#: Every named attribute of Totango's table, by prefix: a spelling variant of one of these
+#: (case, whitespace, an invisible character, percent-encoding) is refused with a hint,
+#: because sent as it is it makes a junk attribute in Totango and skips the rule.
+NAMED_ATTRIBUTES: dict[str, frozenset[str]] = {
+    "sdr_o": DATE_ATTRIBUTES
+    | NUMBER_ATTRIBUTES
+    | frozenset({"Success Manager", "parent_id", "product_id"}),
+    "sdr_u": YES_NO_ATTRIBUTES,
+}
+
+CONTRACT_VALUE_RULE = (
+    "must be a valid number without comma separator and currency sign: an optional "
+    "leading minus, digits, and optionally a point followed by digits, such as 1200.5"
+)
+DATE_RULE = (
+    "must be an ISO 8601 date string in the extended calendar form: YYYY-MM-DD, or "
+    "YYYY-MM-DDThh:mm[:ss[.fraction]] with an optional Z or +hh:mm, such as 2026-01-31"
+)
+
+#: The extended calendar forms, and only those: ASCII digits, ``-`` and ``:`` separators,
+#: ``T`` between date and time, an offset of hours and minutes. ``fromisoformat`` (used
+#: before) also took basic and week forms, any separator, seconds in an offset and junk.
+_ISO_DATE_RE = re.compile(
+    r"(?P<year>[0-9]{4})-(?P<month>[0-9]{2})-(?P<day>[0-9]{2})"
+    r"(?:T(?P<hour>[0-9]{2}):(?P<minute>[0-9]{2})(?::(?P<second>[0-9]{2})(?:\.[0-9]+)?)?"
+    r"(?:Z|[+-](?P<off_hour>[0-9]{2}):(?P<off_minute>[0-9]{2}))?)?"
+)
+_PERCENT_ESCAPE_RE = re.compile(r"%[0-9A-Fa-f]{2}")
+#: Characters that render as nothing but are not Unicode format characters (category Cf,
+#: which covers the zero-width space, joiners, marks and the BOM).
+_INVISIBLE_EXTRA = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0") | frozenset(
+    chr(c) for c in range(0xFE00, 0xFE10)
+)
 
 AttributeValue = str | int | float | bool | None
 
@@ -82,6 +119,7 @@ def track_activity(
     account_name: Any = None,
     account_attributes: Any = None,
     user_attributes: Any = None,
+    writeback: Any = False,
     service_id: Any = None,
     event_id: Any = None,
     default_service_id: str | None = None,
@@ -92,28 +130,26 @@ def track_activity(
     params += _account_name(account_name, account_attributes)
     params += _attributes("sdr_o", "account_attributes", account_attributes)
     params += _attributes("sdr_u", "user_attributes", user_attributes)
-    return ids.event(TRACK_ACTIVITY, params)
+    return ids.event(TRACK_ACTIVITY, params + _writeback(writeback))
 
 
 def update_account(
     *,
     account_id: Any,
-    attributes: Any,
+    attributes: Any = None,
     account_name: Any = None,
     writeback: Any = False,
     service_id: Any = None,
     event_id: Any = None,
     default_service_id: str | None = None,
 ) -> Event:
-    """Account attributes; ``writeback=True`` asks Totango to write them to Salesforce."""
+    """Account attributes (``account_name`` alone is one); ``writeback=True`` asks Totango
+    to write them to Salesforce."""
     ids = _ids(service_id, default_service_id, account_id, _NO_USER, event_id)
     attrs = _account_name(account_name, attributes) + _attributes("sdr_o", "attributes", attributes)
     if not attrs:
         raise InvalidEvent("attributes", "at least one account attribute is required")
-    if not isinstance(writeback, bool):
-        raise InvalidEvent("writeback", "must be true or false")
-    tail = [("enableWriteback", "true")] if writeback else []
-    return ids.event(UPDATE_ACCOUNT, [*ids.head, *attrs, *tail])
+    return ids.event(UPDATE_ACCOUNT, [*ids.head, *attrs, *_writeback(writeback)])
 
 
 def update_user(
@@ -122,6 +158,7 @@ def update_user(
     user_id: Any,
     attributes: Any,
     account_attributes: Any = None,
+    writeback: Any = False,
     service_id: Any = None,
     event_id: Any = None,
     default_service_id: str | None = None,
@@ -132,7 +169,8 @@ def update_user(
     if not user_attrs:
         raise InvalidEvent("attributes", "at least one user attribute is required")
     account_attrs = _attributes("sdr_o", "account_attributes", account_attributes)
-    return ids.event(UPDATE_USER, [*ids.head, *account_attrs, *user_attrs])
+    tail = _writeback(writeback)
+    return ids.event(UPDATE_USER, [*ids.head, *account_attrs, *user_attrs, *tail])
 
 
 BUILDERS: dict[str, Callable[..., Event]] = {
@@ -149,11 +187,14 @@ def from_message(
     event_id: str | None,
     default_service_id: str | None,
     positional: tuple[Any, ...] = (),
+    services: Collection[str] | None = None,
 ) -> Event:
     """Build an event from a task's keyword arguments, as they came off the wire.
 
     ``event_id`` is used when the message carries none (the worker derives it from the task
-    id, which stays the same through every retry).
+    id, which stays the same through every retry). ``services``, when given (the service
+    map's ids), are the only service ids accepted: an event for another is refused rather
+    than sent to a gateway that is not its own.
     """
     builder = BUILDERS.get(task)
     if builder is None:
@@ -177,7 +218,13 @@ def from_message(
     args = dict(kwargs)
     if args.get("event_id") is None:
         args["event_id"] = event_id
-    return builder(**args, default_service_id=default_service_id)
+    event = builder(**args, default_service_id=default_service_id)
+    if services is not None and event.service_id not in services:
+        raise InvalidEvent(
+            "service_id",
+            f"{event.service_id} is not in TOTANGO_SERVICE_MAP, so it has no gateway",
+        )
+    return event
 
 
 @functools.cache  # three builders; read on every message
@@ -224,8 +271,27 @@ def _ids(
         head.append(("sdr_u", user))
     eid = None
     if event_id is not None:
-        eid = _text("event_id", event_id, limit=MAX_EVENT_ID_LENGTH)
+        eid = event_id_text(event_id)
     return _Ids(sid, account, user, eid, tuple(head))
+
+
+def event_id_text(value: Any) -> str:
+    """An event id as it is used everywhere (logs, task id, dead letters): a string; an
+    integer id is accepted and becomes its decimal form."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value.bit_length() > _MAX_INT_BITS:  # str() would raise a bare ValueError
+            raise InvalidEvent("event_id", f"is longer than {MAX_EVENT_ID_LENGTH} characters")
+        value = str(value)
+    return _text("event_id", value, limit=MAX_EVENT_ID_LENGTH)
+
+
+def _writeback(value: Any) -> list[tuple[str, str]]:
+    """``enableWriteback=true`` for ``True``; nothing for ``False`` or a JSON null."""
+    if value is None or value is False:
+        return []
+    if value is True:
+        return [("enableWriteback", "true")]
+    raise InvalidEvent("writeback", "must be true or false")
 
 
 def _id(field: str, value: Any) -> str:
@@ -284,7 +350,8 @@ def _attributes(prefix: str, field: str, attributes: Any) -> list[tuple[str, str
                 "has an attribute name that is not a non-empty string of at most "
                 f"{MAX_NAME_LENGTH} characters in UTF-8 without control characters",
             )
-        rendered = attribute_value(name, value)
+        _check_spelling(prefix, name)
+        rendered = attribute_value(prefix, name, value)
         if rendered is not None:
             out.append((f"{prefix}.{name}", rendered))
     return out
@@ -298,17 +365,72 @@ def _is_safe_name(name: str) -> bool:
     return True
 
 
-def attribute_value(name: str, value: AttributeValue | object) -> str | None:
-    """Render one attribute value as the gateway expects it; ``None`` leaves it out."""
+def _spelling_key(name: str) -> str:
+    """What a name reads as: percent-escapes decoded, compatibility forms folded (a
+    no-break space is a space), invisible characters dropped, whitespace collapsed, case
+    folded."""
+    text = _visible(name)
+    if _PERCENT_ESCAPE_RE.search(text):  # after dropping invisibles: one may split an escape
+        text = _visible(unquote(text, errors="replace"))
+    return " ".join(text.split()).casefold()
+
+
+def _visible(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text)
+    return "".join(char for char in text if not _invisible(char))
+
+
+def _invisible(char: str) -> bool:
+    return unicodedata.category(char) == "Cf" or char in _INVISIBLE_EXTRA
+
+
+_SPELLINGS: dict[str, dict[str, str]] = {
+    prefix: {_spelling_key(name): name for name in names}
+    for prefix, names in NAMED_ATTRIBUTES.items()
+}
+
+
+def misspelt_named_attribute(prefix: str, name: str) -> str | None:
+    """The named attribute of ``prefix`` that ``name`` reads as without being spelt as it
+    (``contact`` -> ``Contact`` under ``sdr_u``), or ``None``."""
+    if name in NAMED_ATTRIBUTES[prefix]:
+        return None
+    return _SPELLINGS[prefix].get(_spelling_key(name))
+
+
+def _check_spelling(prefix: str, name: str) -> None:
+    """Refuse a name that reads as a named attribute of its prefix but is not spelt as it."""
+    intended = misspelt_named_attribute(prefix, name)
+    if intended is None:
+        return
+    if _PERCENT_ESCAPE_RE.search(name):
+        how = "is percent-encoded (the worker encodes names itself)"
+    elif any(_invisible(char) for char in name):
+        codes = ", ".join(f"U+{ord(char):04X}" for char in name if _invisible(char))
+        how = f"holds an invisible character ({codes})"
+    elif name != name.strip():
+        how = "has leading or trailing whitespace"
+    elif name.casefold() == intended.casefold():
+        how = "differs in case"
+    else:
+        how = "differs in spacing"
+    raise InvalidEvent(
+        name, f"{how}: did you mean the named attribute {intended!r}? Use exactly {intended!r}"
+    )
+
+
+def attribute_value(prefix: str, name: str, value: AttributeValue | object) -> str | None:
+    """Render one attribute value under ``prefix`` (``sdr_o`` or ``sdr_u``) as the gateway
+    expects it; ``None`` leaves it out. A named attribute's rule applies under its own
+    prefix only."""
     if value is None:
         return None
-    if name in YES_NO_ATTRIBUTES:
-        if isinstance(value, bool):
-            return "yes" if value else "no"
-        if value not in ("yes", "no"):
-            raise InvalidEvent(name, "must be exactly 'yes' or 'no' (lowercase), or a bool")
-        return str(value)
-    if isinstance(value, bool):  # still checked below: a bool is no date and no number
+    account = prefix == "sdr_o"
+    if not account and name in YES_NO_ATTRIBUTES:
+        return _yes_no(name, value)
+    if account and name in DATE_ATTRIBUTES:
+        return _date(name, value)
+    if isinstance(value, bool):  # still checked below: a bool is no number
         text = "true" if value else "false"
     elif isinstance(value, int | float):
         text = _number(name, value)
@@ -319,11 +441,25 @@ def attribute_value(name: str, value: AttributeValue | object) -> str | None:
     if len(text) > MAX_VALUE_LENGTH:
         raise InvalidEvent(name, f"is longer than {MAX_VALUE_LENGTH} characters")
     _utf8(name, text)
-    if name in NUMBER_ATTRIBUTES and not _PLAIN_NUMBER_RE.fullmatch(text):
-        raise InvalidEvent(name, "must be a plain number such as 1200.5 (no separators or signs)")
-    if name in DATE_ATTRIBUTES and not _is_iso8601(text):
-        raise InvalidEvent(name, "must be an ISO 8601 date such as 2026-01-31")
+    if account and name in NUMBER_ATTRIBUTES and not _PLAIN_NUMBER_RE.fullmatch(text):
+        raise InvalidEvent(name, CONTRACT_VALUE_RULE)
     return text
+
+
+def _yes_no(name: str, value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value not in ("yes", "no"):
+        raise InvalidEvent(name, "must be exactly 'yes' or 'no' (lowercase), or a bool")
+    return str(value)
+
+
+def _date(name: str, value: object) -> str:
+    if not isinstance(value, str):  # an epoch or a float such as 20260131.0 is no date
+        raise InvalidEvent(name, f"{DATE_RULE}; got a {type(value).__name__}")
+    if not is_iso8601(value):
+        raise InvalidEvent(name, DATE_RULE)
+    return value
 
 
 def _number(name: str, value: float) -> str:
@@ -340,14 +476,17 @@ def _number(name: str, value: float) -> str:
     return text
 
 
-def _is_iso8601(text: str) -> bool:
-    for parse in (date.fromisoformat, datetime.fromisoformat):
-        try:
-            parse(text)
-        except ValueError:
-            continue
-        return True
-    return False
+def is_iso8601(text: str) -> bool:
+    """One of the extended calendar forms, naming a date and time that exist."""
+    match = _ISO_DATE_RE.fullmatch(text)
+    if match is None:
+        return False
+    try:
+        date(int(match["year"]), int(match["month"]), int(match["day"]))
+    except ValueError:  # 31 February, month 13, year 0
+        return False
+    limits = {"hour": 23, "minute": 59, "second": 59, "off_hour": 23, "off_minute": 59}
+    return all(match[part] is None or int(match[part]) <= top for part, top in limits.items())
 
 
 def encode(params: tuple[tuple[str, str], ...] | list[tuple[str, str]]) -> str:

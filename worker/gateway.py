@@ -1,6 +1,7 @@
-"""The only module that imports urllib3: one connection pool per process to the gateway's
+"""The only module that imports urllib3: one connection pool per process to each gateway
 host, TLS 1.2 or newer with verified certificates, no redirects, no retries, explicit
-timeouts, and an answer reduced to a status string.
+timeouts, and an answer reduced to a status string. ``Gateways`` routes an event to its
+service's gateway when ``TOTANGO_SERVICE_MAP`` is set.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from worker.settings import Settings
 
 USER_AGENT = f"totango-worker/{__version__} (+https://pypi.org/project/totango-worker/)"
 EXCERPT_LENGTH = 200
+#: How a GIF starts (GIF87a or GIF89a). A 200 whose body does not is still a delivery by
+#: Totango's rule, but it is counted and logged: it is usually a proxy's page, not Totango.
+GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
 #: Environment variables naming a CA bundle to trust instead of certifi's; requests, which
 #: the worker used before, honoured them, so a deployment that sets one keeps working.
 CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
@@ -40,6 +44,10 @@ class Answer:
     excerpt: str
     elapsed: float
     method: str
+    #: A 200 whose body is not a GIF (a TLS-inspecting proxy's page, say).
+    unexpected_body: bool = False
+    #: The GET answered 414 URI Too Long, when this answer is the POST that followed it.
+    first: Answer | None = None
 
 
 # --- pure decisions -----------------------------------------------------------------------
@@ -54,13 +62,18 @@ def pool_size(concurrency: int, batch_senders: int) -> int:
     return max(1, concurrency) + max(1, batch_senders)
 
 
-def method_for(settings: Settings, query: str) -> str:
-    """GET by default; POST when set, or when the URL would be too long."""
+def method_for(settings: Settings, query: str, url: str | None = None) -> str:
+    """GET by default; POST when set, or when the URL (``url``, by default the settings'
+    gateway, with the event's query) would be too long."""
     if settings.http_method == "POST":
         return "POST"
-    if len(settings.gateway_url) + 1 + len(query) > settings.max_url_length:
+    if len(url or settings.gateway_url) + 1 + len(query) > settings.max_url_length:
         return "POST"
     return "GET"
+
+
+def is_gif(body: bytes) -> bool:
+    return body.startswith(GIF_SIGNATURES)
 
 
 def proxy_for(url: str, env: Mapping[str, str]) -> str | None:
@@ -132,14 +145,26 @@ def tls_context(bundle: str) -> ssl.SSLContext:
 
 
 class Gateway:
-    """Sends events to the collection gateway over one urllib3 connection pool."""
+    """Sends events to one collection gateway URL over one urllib3 connection pool.
+
+    The URL's own query (``pixel.gif?api-token=...``) is kept: a GET sends it first and the
+    event's parameters after an ``&``; a POST keeps it in the URL and sends the event alone
+    as its form body.
+    """
 
     def __init__(
-        self, settings: Settings, size: int | None = None, env: Mapping[str, str] | None = None
+        self,
+        settings: Settings,
+        size: int | None = None,
+        env: Mapping[str, str] | None = None,
+        url: str | None = None,
     ) -> None:
         self.settings = settings
         env = os.environ if env is None else env
-        url = settings.gateway_url
+        url = url or settings.gateway_url
+        self.url = url
+        #: What joins the event's query to the target of a GET.
+        self._joiner = "&" if urlsplit(url).query else "?"
         self.headers = {"User-Agent": USER_AGENT, "Accept": "*/*"}
         self.form_headers = {**self.headers, "Content-Type": "application/x-www-form-urlencoded"}
         self.timeout = urllib3.Timeout(connect=settings.connect_timeout, read=settings.read_timeout)
@@ -178,13 +203,31 @@ class Gateway:
 
     def send(self, event: Event) -> Answer:
         query = encode(event.params)
-        method = method_for(self.settings, query)
+        method = method_for(self.settings, query, self.url)
+        answer = self._call(method, query)
+        if method == "GET" and answer.status == "414":
+            # URI Too Long: something on the way takes shorter URLs than
+            # TOTANGO_MAX_URL_LENGTH. The same event as a form body, once, in this attempt;
+            # retrying the same GET would only be refused again.
+            post = self._call("POST", query)
+            return Answer(
+                post.status,
+                post.retry_after,
+                post.excerpt,
+                answer.elapsed + post.elapsed,
+                "POST",
+                post.unexpected_body,
+                first=answer,
+            )
+        return answer
+
+    def _call(self, method: str, query: str) -> Answer:
         started = time.perf_counter()
         try:
             if method == "GET":
                 response = self._urlopen(
                     "GET",
-                    f"{self.target}?{query}",
+                    f"{self.target}{self._joiner}{query}",
                     redirect=False,
                     retries=False,
                     timeout=self.timeout,
@@ -209,14 +252,43 @@ class Gateway:
             return Answer("connection_error", None, _excerpt(str(exc)), _since(started), method)
         # The body is read already (preload), and the connection back in the pool.
         status = str(response.status)
-        excerpt = "" if status == "200" else _excerpt(response.data.decode("utf-8", "replace"))
-        return Answer(status, response.headers.get("Retry-After"), excerpt, _since(started), method)
+        body = response.data
+        unexpected = status == "200" and not is_gif(body)
+        excerpt = "" if status == "200" and not unexpected else _excerpt(_text(body))
+        retry_after = response.headers.get("Retry-After")
+        return Answer(status, retry_after, excerpt, _since(started), method, unexpected)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
         if self._manager is not None:
             self._manager.clear()
+
+
+class Gateways:
+    """The gateways of this process, one ``Gateway`` (one pool) per URL: every event goes to
+    ``TOTANGO_GATEWAY_URL`` (or the region's), or, with ``TOTANGO_SERVICE_MAP``, to its
+    service's gateway. Validation has refused an event whose service is not in the map."""
+
+    def __init__(
+        self, settings: Settings, size: int | None = None, env: Mapping[str, str] | None = None
+    ) -> None:
+        self.settings = settings
+        self.by_url = {url: Gateway(settings, size, env, url) for url in settings.gateway_urls}
+
+    def for_event(self, event: Event) -> Gateway:
+        return self.by_url[self.settings.gateway_for(event.service_id)]
+
+    def send(self, event: Event) -> Answer:
+        return self.for_event(event).send(event)
+
+    def close(self) -> None:
+        for gateway in self.by_url.values():
+            gateway.close()
+
+
+def _text(body: bytes) -> str:
+    return body.decode("utf-8", "replace")
 
 
 def _since(started: float) -> float:
@@ -232,14 +304,15 @@ def check_gateway(settings: Settings, env: Mapping[str, str] | None = None) -> N
     """Build the gateway once when the worker starts, so that a proxy or a CA bundle it
     cannot use stops the worker there (:class:`ConfigError`), not each event later."""
     env = os.environ if env is None else env
-    proxy = _proxy_setting(settings.gateway_url, env)
-    if proxy is not None:
-        variable, url = proxy
-        scheme = urlsplit(url).scheme
-        if scheme not in {"http", "https"}:
-            raise ConfigError(variable, f"must be an http:// or https:// proxy; got {scheme!r}")
+    for gateway_url in settings.gateway_urls:
+        proxy = _proxy_setting(gateway_url, env)
+        if proxy is not None:
+            variable, url = proxy
+            scheme = urlsplit(url).scheme
+            if scheme not in {"http", "https"}:
+                raise ConfigError(variable, f"must be an http:// or https:// proxy; got {scheme!r}")
     try:
-        Gateway(settings, env=env).close()
+        Gateways(settings, env=env).close()
     except OSError as exc:  # ssl.SSLError too: a CA bundle that cannot be read or parsed
         variable = _ca_bundle_variable(env) or "the CA bundle"
         raise ConfigError(variable, f"cannot be loaded ({exc})") from None

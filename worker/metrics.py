@@ -42,6 +42,7 @@ class Metrics:
     responses: Counter
     in_flight: Gauge
     queue_wait: Histogram
+    unexpected_body: Counter
 
 
 def _create_metrics() -> Metrics:
@@ -70,6 +71,10 @@ def _create_metrics() -> Metrics:
             "totango_queue_wait_seconds",
             "Time from enqueue to the start of the task",
             buckets=WAIT_BUCKETS,
+        ),
+        unexpected_body=Counter(
+            "totango_gateway_unexpected_body",
+            "Answers 200 whose body is not the GIF (a proxy's page?): delivered by the rule",
         ),
     )
 
@@ -129,6 +134,10 @@ def record_retried(task: str, reason: str) -> None:
 
 def record_dead_lettered(task: str, reason: str) -> None:
     metrics().dead_lettered.labels(task=task, reason=reason).inc()
+
+
+def record_unexpected_body() -> None:
+    metrics().unexpected_body.inc()
 
 
 def record_queue_wait(enqueued_at: Any) -> None:

@@ -5,6 +5,7 @@ one outcome decision (``worker.outcome``): count a delivery, publish a retry, or
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from worker import metrics
 from worker.contract import FIRST_ATTEMPT_HEADER
 from worker.deadletter import dead_letter
 from worker.envelope import Envelope, iso_at
-from worker.gateway import Answer, Gateway
+from worker.gateway import Answer, Gateways
 from worker.outcome import Kind, Outcome, decide
 from worker.process_local import PerProcess
 from worker.settings import Settings
@@ -34,7 +35,7 @@ class TotangoCelery(Celery):
     ``worker.application.create_app`` makes it."""
 
     settings: Settings
-    gateway: PerProcess[Gateway]
+    gateway: PerProcess[Gateways]
     batch_executor: PerProcess[ThreadPoolExecutor]
 
 
@@ -88,11 +89,48 @@ def current_attempt(task: str, event: Event, kwargs: dict[str, Any], request: An
     )
 
 
+class RateLimitedWarning:
+    """A warning logged at most once per ``interval`` seconds in a process, saying how many
+    were held back since: one proxy page per event must not flood the logs."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: float | None = None
+        self._held_back = 0
+
+    def warn(self, message: str, *args: object) -> bool:
+        """Log now, or count it for the next line; True when it was logged."""
+        with self._lock:
+            now = self._clock()
+            if self._last is not None and now - self._last < self.interval:
+                self._held_back += 1
+                return False
+            held_back, self._held_back, self._last = self._held_back, 0, now
+        log.warning(message + " (%d more since the last warning)", *args, held_back)
+        return True
+
+
+#: A 200 that is not the GIF: once a minute at most, per process.
+unexpected_body_warning = RateLimitedWarning(60.0)
+
+
 def send(app: TotangoCelery, event: Event) -> Answer:
     """One gateway call, counted in flight and by its answer."""
     with metrics.gateway_call():
         answer = app.gateway.get().send(event)
+    if answer.first is not None:  # the GET answered 414, then the POST: both are counted
+        metrics.record_answer(answer.first.status, answer.first.method, answer.first.elapsed)
     metrics.record_answer(answer.status, answer.method, answer.elapsed)
+    if answer.unexpected_body:
+        metrics.record_unexpected_body()
+        unexpected_body_warning.warn(
+            "gateway answered 200 with a body that is not the GIF, counted as delivered: a "
+            "proxy in the way? event_id=%s body=%r",
+            event.event_id,
+            answer.excerpt,
+        )
     return answer
 
 

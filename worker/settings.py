@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from worker.errors import ConfigError
 from worker.events import SERVICE_ID_RE
@@ -39,6 +39,9 @@ class Settings:
     service_id: str | None = None
     region: str = "us"
     gateway_url: str = REGION_GATEWAYS["us"]
+    #: ``TOTANGO_SERVICE_MAP``: each service id's gateway URL, for a fleet that serves several
+    #: Totango services (a US and an EU one). ``None``: every event goes to ``gateway_url``.
+    service_map: tuple[tuple[str, str], ...] | None = None
     allow_insecure_gateway: bool = False
     connect_timeout: float = 3.05
     read_timeout: float = 10.0
@@ -85,10 +88,23 @@ class Settings:
             raise ConfigError("TOTANGO_REGION", f"must be one of us, eu; got {region!r}")
         allow_insecure = _bool(e, "TOTANGO_ALLOW_INSECURE_GATEWAY", d.allow_insecure_gateway)
         gateway_url = e.get("TOTANGO_GATEWAY_URL") or REGION_GATEWAYS[region]
-        _check_gateway_url(gateway_url, allow_insecure)
+        gateway_url = check_gateway_url(gateway_url, allow_insecure)
         service_id = e.get("TOTANGO_SERVICE_ID") or None
         if service_id is not None and not SERVICE_ID_RE.fullmatch(service_id):
             raise ConfigError("TOTANGO_SERVICE_ID", "must look like SP-<digits>-<digits>")
+        service_map = _service_map(e.get("TOTANGO_SERVICE_MAP") or "", allow_insecure)
+        if service_map is not None:
+            if e.get("TOTANGO_GATEWAY_URL"):
+                raise ConfigError(
+                    "TOTANGO_SERVICE_MAP",
+                    "and TOTANGO_GATEWAY_URL are both set: the map names each service's "
+                    "gateway, so leave TOTANGO_GATEWAY_URL unset",
+                )
+            if service_id is not None and service_id not in dict(service_map):
+                raise ConfigError(
+                    "TOTANGO_SERVICE_MAP",
+                    f"has no entry for TOTANGO_SERVICE_ID ({service_id}), the default service",
+                )
         method = e.get("TOTANGO_HTTP_METHOD", d.http_method).upper()
         if method not in {"GET", "POST"}:
             raise ConfigError("TOTANGO_HTTP_METHOD", "must be GET or POST")
@@ -102,6 +118,7 @@ class Settings:
             service_id=service_id,
             region=region,
             gateway_url=gateway_url,
+            service_map=service_map,
             allow_insecure_gateway=allow_insecure,
             connect_timeout=_float(e, "TOTANGO_CONNECT_TIMEOUT", d.connect_timeout, low=0.1),
             read_timeout=_float(e, "TOTANGO_READ_TIMEOUT", d.read_timeout, low=0.1),
@@ -135,6 +152,24 @@ class Settings:
         )
         settings.check_delays()
         return settings
+
+    @property
+    def service_ids(self) -> frozenset[str] | None:
+        """The only service ids events may name, when a service map is set."""
+        return None if self.service_map is None else frozenset(dict(self.service_map))
+
+    @property
+    def gateway_urls(self) -> tuple[str, ...]:
+        """Every gateway this worker calls: the service map's URLs, or ``gateway_url``."""
+        if self.service_map is None:
+            return (self.gateway_url,)
+        return tuple(dict.fromkeys(url for _, url in self.service_map))
+
+    def gateway_for(self, service_id: str) -> str:
+        """The gateway URL for an event of ``service_id``."""
+        if self.service_map is None:
+            return self.gateway_url
+        return dict(self.service_map)[service_id]
 
     @property
     def longest_delay(self) -> float:
@@ -246,18 +281,64 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _check_gateway_url(url: str, allow_insecure: bool) -> None:
+#: Parameter names a gateway URL's own query may not hold: they are the event's, and one
+#: in the URL would be sent twice (or instead of the event's).
+_EVENT_PARAMETER_PREFIXES = ("sdr_", "enablewriteback")
+
+
+def check_gateway_url(url: str, allow_insecure: bool, variable: str = "TOTANGO_GATEWAY_URL") -> str:
+    """The gateway URL, checked, with its path ending in ``pixel.gif``: Totango's examples
+    write ``pixel.gif/``, which is accepted and sent as ``pixel.gif``. A query of the URL's
+    own (``?api-token=...``) is kept and merged into every call (``worker/gateway.py``)."""
     try:
         parts = urlsplit(url)
+        parts.port  # noqa: B018  raises ValueError on a port out of range or not a number
     except ValueError:  # urlsplit refuses a malformed IPv6 host such as "[::1"
-        raise ConfigError("TOTANGO_GATEWAY_URL", f"is not a valid URL; got {url!r}") from None
+        raise ConfigError(variable, f"is not a valid URL; got {url!r}") from None
     if parts.scheme not in {"https", "http"} or not parts.hostname:
-        raise ConfigError("TOTANGO_GATEWAY_URL", f"must be an https:// URL; got {url!r}")
+        raise ConfigError(variable, f"must be an https:// URL; got {url!r}")
     if parts.scheme == "http" and not (is_loopback(parts.hostname) or allow_insecure):
         raise ConfigError(
-            "TOTANGO_GATEWAY_URL",
+            variable,
             "plain http:// is allowed only for loopback hosts (127.0.0.1, ::1, localhost)",
         )
+    path = parts.path.removesuffix("/")
+    if path.rsplit("/", 1)[-1] != "pixel.gif":
+        raise ConfigError(variable, f"must end in /pixel.gif (the collection gateway); got {url!r}")
+    if parts.fragment or url.endswith("#"):
+        raise ConfigError(variable, f"must not have a #fragment; got {url!r}")
+    for name, _ in parse_qsl(parts.query, keep_blank_values=True):
+        if name.lower().startswith(_EVENT_PARAMETER_PREFIXES):
+            raise ConfigError(variable, f"must not carry the event parameter {name!r} in its query")
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+def _service_map(raw: str, allow_insecure: bool) -> tuple[tuple[str, str], ...] | None:
+    """``SP-1-2=us,SP-3-4=eu`` or ``SP-5-6=https://host/pixel.gif``: service id to region
+    or gateway URL, resolved to URLs. Empty: no map."""
+    if not raw.strip():
+        return None
+    variable = "TOTANGO_SERVICE_MAP"
+    entries: dict[str, str] = {}
+    for entry in raw.split(","):
+        service_id, sep, target = (part.strip() for part in entry.partition("="))
+        if not sep or not service_id or not target:
+            raise ConfigError(
+                variable, f"each entry is <service id>=us|eu|<gateway URL>; got {entry.strip()!r}"
+            )
+        if not SERVICE_ID_RE.fullmatch(service_id):
+            raise ConfigError(variable, f"{service_id!r} does not look like SP-<digits>-<digits>")
+        if service_id in entries:
+            raise ConfigError(variable, f"names {service_id} twice")
+        if target.lower() in REGION_GATEWAYS:
+            entries[service_id] = REGION_GATEWAYS[target.lower()]
+        elif "://" in target:
+            entries[service_id] = check_gateway_url(target, allow_insecure, variable)
+        else:
+            raise ConfigError(
+                variable, f"{service_id} maps to {target!r}: use us, eu or a gateway URL"
+            )
+    return tuple(entries.items())
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int) -> int:

@@ -91,6 +91,7 @@ def relay_event(
             event_id=request.id,
             default_service_id=app.settings.service_id,
             positional=args,
+            services=app.settings.service_ids,
         )
     except InvalidEvent as exc:
         envelope = Envelope.invalid(
