@@ -15,6 +15,7 @@ import redis
 from kombu import Connection
 
 from bench.procs import BenchError, Worker
+from bench.ratios import steady_window
 
 SERVICE_ID = "SP-1234-56"
 STAMP_ATTRIBUTE = "bench_t"
@@ -107,11 +108,31 @@ def check_exactly_once(calls: list[dict[str, Any]], expected: int) -> list[dict[
 
 
 def rate(times: list[float]) -> float:
-    """Events/s between the first and the last completion: (n - 1) / span."""
-    if len(times) < 2:
-        return 0.0
-    span = max(times) - min(times)
-    return (len(times) - 1) / span if span > 0 else math.inf
+    """Events/s in the steady window, between 10 % and 90 % of the completions."""
+    return steady_window(times).rate
+
+
+def answered_at(calls: list[dict[str, Any]], delay_ms: float) -> list[float]:
+    """When the gateway answered each call: it stamps a call on arrival and answers
+    ``delay_ms`` later. The CPU window is then the one in which the worker settled them."""
+    return [c["received_at"] + delay_ms / 1000 for c in calls]
+
+
+def purge(broker_url: str, queue: str) -> None:
+    """Empty a queue of what a stopped phase left in it (a message handed back unacked)."""
+    if broker_url.startswith("redis"):
+        client = redis.Redis.from_url(broker_url)
+        try:
+            client.delete(queue)
+        finally:
+            client.close()
+        return
+    with Connection(broker_url, connect_timeout=10) as connection:
+        channel: Any = connection.channel()
+        try:
+            channel.queue_purge(queue)
+        finally:
+            channel.close()
 
 
 def latencies_ms(calls: list[dict[str, Any]], delay_ms: float) -> list[float]:

@@ -88,12 +88,10 @@ def _ratio(top: float | None, bottom: float | None, digits: int = 2) -> float | 
     return round(top / bottom, digits)
 
 
-def ratios(
-    results: dict[str, dict[str, Any]], *, delay_ms: float, processes: int = 1
-) -> dict[str, float | None]:
+def ratios(results: dict[str, dict[str, Any]], *, delay_ms: float) -> dict[str, float | None]:
     """The ratios of one broker's phases: ``results[phase]`` has ``events_per_s`` and
     ``worker_cpu_ms`` (CPU per completion), ``ours`` also ``p99_ms``, ours and batch
-    ``rss_mb`` (the sum over ``processes`` worker processes)."""
+    ``rss_mb`` (the peak sum over its ``processes`` worker processes, 1 if not given)."""
     cpu = {phase: _figure(results, phase, "worker_cpu_ms") for phase in results}
     rate = {phase: _figure(results, phase, "events_per_s") for phase in results}
     single, sameconf, http = cpu.get("ours"), cpu.get("sameconf"), cpu.get("http")
@@ -101,7 +99,11 @@ def ratios(
     if single is not None and sameconf is not None and http is not None:
         overhead = round(single - (sameconf + http), 3)
     over_sameconf = _ratio(rate.get("ours"), rate.get("sameconf"))
-    rss = [r for r in (_figure(results, p, "rss_mb") for p in ("ours", "batch")) if r is not None]
+    rss = [
+        value / max(1.0, _figure(results, phase, "processes") or 1.0)
+        for phase in ("ours", "batch")
+        if (value := _figure(results, phase, "rss_mb")) is not None
+    ]
     p99 = _figure(results, "ours", "p99_ms")
     return {
         "relay_overhead_ms": overhead,
@@ -109,7 +111,7 @@ def ratios(
         "single_over_sameconf_stretch": over_sameconf,
         "batch_cpu_over_http": _ratio(cpu.get("batch"), http),
         "ours_over_naive": _ratio(rate.get("ours"), rate.get("naive")),
-        "rss_mb_per_process": round(max(rss) / max(1, processes), 1) if rss else None,
+        "rss_mb_per_process": round(max(rss), 1) if rss else None,
         "p99_over_delay_ms": round(p99 - delay_ms, 1) if p99 is not None else None,
         # Not a target any more; kept to compare with the earlier rounds.
         "ours_over_prefork_noop": _ratio(rate.get("ours"), rate.get("noop")),
