@@ -1,28 +1,38 @@
-"""``make bench``: the worker against a no-op Celery task and a naive relay, in one run.
+"""``make bench``: the worker against the floors of its own configuration (a no-op task
+and a bare HTTP loop), a prefork no-op task and a naive relay, in one run.
 
 For each broker (Redis, RabbitMQ; each on a database or vhost of its own, removed after)
 and the project's gateway emulator answering after ``--delay-ms`` (50 ms by default; run by
 ``bench/gateway.py``, which turns Nagle's algorithm off), ``--rounds`` times:
 
-1. no-op: N tasks pre-published, then ``celery -A bench.noop_app worker -P prefork -c 2``;
-2. naive: N tasks pre-published, then ``celery -A bench.naive_app worker -P threads -c 32``;
-3. ours: N events pre-published through the producer API, then the worker as the README
-   recommends for production (``celery -A worker.app worker --loglevel=INFO`` with
+1. noop: N tasks pre-published, then ``celery -A bench.noop_app worker -P prefork -c 2``
+   (plain Celery defaults: the earlier rounds' baseline);
+2. sameconf: N events pre-published through the producer API, then
+   ``celery -A bench.sameconf_app worker -Q totango``: a no-op task in the worker's own
+   Celery configuration (``worker.application.config``), the floor of Celery's cost;
+3. http: ``python -m bench.http_loop``, N calls from as many threads as the worker's pool
+   over one urllib3 keep-alive pool to the same emulator, no queue: the floor of HTTP's;
+4. naive: N tasks pre-published, then ``celery -A bench.naive_app worker -P threads -c 32``;
+5. ours: N events pre-published through the producer API, then the worker as production
+   runs it (``celery -A worker.app worker --loglevel=INFO -Q totango`` with
    ``TOTANGO_POOL``/``_CONCURRENCY``/``_PREFETCH_MULTIPLIER`` from ``--config``, and
    ``RECOMMENDED_CONF`` on top until worker/application.py has it); in the first round, then
-   ``--latency-events`` more at ``--latency-rate`` per second for the enqueue-to-answer
-   latency;
-   Each consumes only ``totango`` (``-Q totango``), as the single-event Deployment does;
-4. batch: a fresh worker as the batch Deployment runs (``-Q totango.batch`` with
+   ``--latency-events`` more at half the rate it just reached (or ``--latency-rate``) for
+   the enqueue-to-answer latency;
+6. batch: a fresh worker as the batch Deployment runs (``-Q totango.batch`` with
    ``--batch-config``), then, once every process is ready, ``--batch-events`` events in
    batches of 100 (``Producer.send_batch``).
 
-events/s is (n - 1) / (last completion - first completion), a completion being a 200 at the
-gateway, or the no-op task's end; each phase keeps its best round. Every delivered event is
-checked to arrive exactly once. Every comparison is a ratio of figures from the same run.
-The last line printed is the whole result as one JSON object. ``--sweep`` compares settings
-instead. Every process started is stopped, and every vhost and database removed, on any
-exit including Ctrl-C; the run stops waiting after ``--time-limit`` seconds.
+A completion is a 200 answered by the gateway, or a no-op task's end. events/s and CPU per
+event (the phase's process tree, user + system) are taken between 10 % and 90 % of the
+completions (bench/ratios.py); each phase keeps its best round (the most events/s, the
+least CPU per event). Every delivered event is checked to arrive exactly once. The ratios
+and targets (bench/ratios.py) compare figures from the same run; a PNG plot goes to
+``--plot`` (docs/bench.png). The last line printed is the whole result as one JSON object.
+``--sweep`` compares settings instead, ``--quick`` is a short run for development and
+``--profile`` samples the worker with py-spy. Every process started is stopped, and every
+vhost and database removed, on any exit including Ctrl-C; the run stops waiting after
+``--time-limit`` seconds.
 """
 
 from __future__ import annotations
@@ -77,6 +87,8 @@ PHASE_TIMEOUT = 180.0
 
 #: Where ``make bench`` writes its plot (linked from docs/benchmarks.md).
 PLOT = ROOT / "docs" / "bench.png"
+#: ``--profile``: enough events for a few thousand samples.
+PROFILE_EVENTS = 10_000
 #: ``--quick``: a development run of about a minute and a half, too short for the docs.
 QUICK = {"rounds": 1, "events": 1000, "batch_events": 3000, "latency_events": 300}
 
@@ -263,13 +275,19 @@ def run_ours(
     emulator.reset()
     worker = _start_ours(run, envs, config, f"ours-{tag}-{kind}", QUEUE)
     result: dict[str, Any] = {}
+    spy = None
+    if run.args.profile:
+        from bench.profile import Recorder  # noqa: PLC0415  py-spy only when profiling
+
+        # From the moment it consumes: the start-up's imports are not the relay's cost.
+        load.wait_for(worker.ready, run.deadline.budget("worker ready"), "ready", worker, 0.05)
+        spy = Recorder(worker.procs[0].pid, run.out / f"profile-{kind}.txt")
     try:
-        load.wait_for(
-            lambda: load.delivered_counter(ports) >= n,
-            run.deadline.budget("ours"),
-            f"{n} deliveries",
-            worker,
+        load.drained_then_delivered(
+            url, QUEUE, ports, n, timeout=run.deadline.budget("ours"), worker=worker
         )
+        if spy is not None:
+            result["profile"] = str(spy.stop())
         calls = load.check_exactly_once(_gateway_calls(run, tag, n, worker), n)
         times = load.answered_at(calls, emulator.delay_ms)
         result["events_per_s"] = round(load.rate(times), 1)
@@ -397,12 +415,8 @@ def run_batch(run: Run, kind: str, url: str, config: Config) -> dict[str, Any]:
         load.wait_for(worker.ready, run.deadline.budget("workers ready"), "ready", worker)
         producer.send_batch(prepared)
         producer.app.close()
-        load.wait_for(
-            lambda: load.delivered_counter(ports) >= b,
-            run.deadline.budget("batch"),
-            f"{b} batch deliveries",
-            worker,
-        )
+        budget = run.deadline.budget("batch")
+        load.drained_then_delivered(url, BATCH_QUEUE, ports, b, timeout=budget, worker=worker)
         calls = load.check_exactly_once(_gateway_calls(run, tag, b, worker), b)
     finally:
         rss = run.stop(worker)
@@ -535,8 +549,10 @@ def bench_broker(run: Run, kind: str, config: Config, batch: Config) -> dict[str
 
 
 def _best(tries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The round with the most events/s, with the latency of the round that measured it and
-    the highest RSS of all rounds; the first error when no round finished."""
+    """The round with the most events/s, with the latency of the round that measured it,
+    the lowest CPU per event and the highest RSS of all rounds; the first error when no round
+    finished. Other load on the machine only ever slows a phase down and adds to its CPU per
+    event (more context switches, colder caches), never the other way."""
     done = [t for t in tries if "events_per_s" in t]
     if not done:
         return tries[0]
@@ -546,6 +562,9 @@ def _best(tries: list[dict[str, Any]]) -> dict[str, Any]:
             if key in t:
                 best[key] = t[key]
     best["rss_mb"] = max(t.get("rss_mb") or 0 for t in done)
+    cpu = [t["worker_cpu_ms"] for t in done if t.get("worker_cpu_ms") is not None]
+    if cpu:
+        best["worker_cpu_ms"] = min(cpu)
     return best
 
 
@@ -609,10 +628,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--plot", default=None,
         help=f"where to write the PNG plot ({PLOT.relative_to(ROOT)}; quick: the run's "
         "folder; '' for none)")  # fmt: skip
+    add("--profile", action="store_true",
+        help="py-spy --gil on the worker draining the single-event backlog, once per broker "
+        "(ours only; its figures are not for the docs)")  # fmt: skip
     add("--quick", action="store_true",
         help="for development: 1 round, 1000 events, 3000 batch events, 300 paced; the "
         "options given still win")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.profile:
+        args.phases, args.rounds, args.plot = "ours", 1, ""
+        if args.events == parser.get_default("events"):
+            args.events = PROFILE_EVENTS
     if args.quick:
         for name, value in QUICK.items():
             if getattr(args, name) == parser.get_default(name):
@@ -699,6 +725,11 @@ def main(argv: list[str] | None = None) -> int:
     print(report.cpu_table(results))
     print()
     print(report.targets_table(results))
+    if args.profile:
+        from bench import profile  # noqa: PLC0415  py-spy only when profiling
+
+        for kind in kinds:
+            print(f"\n{kind}: " + profile.summary(out / f"profile-{kind}.txt"))
     plot = Path(args.plot) if args.plot else (out / "bench.png" if args.quick else PLOT)
     if args.plot != "":
         from bench import plot as plotting  # noqa: PLC0415  matplotlib only when plotting
