@@ -624,7 +624,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--rounds", type=int, default=2, help="tries of each phase; the best counts (2)")
     add("--as-configured", action="store_true",
         help="run worker.app exactly as configured, without RECOMMENDED_CONF")  # fmt: skip
-    add("--time-limit", type=float, default=540.0, help="seconds for the whole run (540)")
+    add("--time-limit", type=float, default=720.0, help="seconds for the whole run (720)")
     add("--plot", default=None,
         help=f"where to write the PNG plot ({PLOT.relative_to(ROOT)}; quick: the run's "
         "folder; '' for none)")  # fmt: skip
