@@ -48,6 +48,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -87,6 +88,8 @@ PHASE_TIMEOUT = 180.0
 
 #: Where ``make bench`` writes its plot (linked from docs/benchmarks.md).
 PLOT = ROOT / "docs" / "bench.png"
+#: Threads that publish a single-event backlog.
+PUBLISHERS = 4
 #: ``--profile``: enough events for a few thousand samples.
 PROFILE_EVENTS = 10_000
 #: ``--quick``: a development run of about a minute and a half, too short for the docs.
@@ -275,13 +278,7 @@ def run_ours(
     emulator.reset()
     worker = _start_ours(run, envs, config, f"ours-{tag}-{kind}", QUEUE)
     result: dict[str, Any] = {}
-    spy = None
-    if run.args.profile:
-        from bench.profile import Recorder  # noqa: PLC0415  py-spy only when profiling
-
-        # From the moment it consumes: the start-up's imports are not the relay's cost.
-        load.wait_for(worker.ready, run.deadline.budget("worker ready"), "ready", worker, 0.05)
-        spy = Recorder(worker.procs[0].pid, run.out / f"profile-{kind}.txt")
+    spy = _spy(run, worker, f"ours-{kind}")
     try:
         load.drained_then_delivered(
             url, QUEUE, ports, n, timeout=run.deadline.budget("ours"), worker=worker
@@ -310,8 +307,12 @@ def _publish_events(run: Run, url: str, env: dict[str, str], tag: str) -> Produc
     on ``totango`` before a worker starts."""
     n = run.args.events
     producer = Producer(app=create_app(Settings.from_env(env)))
-    for i in range(n):
-        producer.track_activity(**load.event_kwargs(tag, i))
+    prepared = [producer.prepare(TRACK_ACTIVITY, **load.event_kwargs(tag, i)) for i in range(n)]
+    # A few publishers at once: each publish waits for the broker's confirm, and one at a
+    # time the backlog took longer than the phase it feeds.
+    with ThreadPoolExecutor(PUBLISHERS, thread_name_prefix="bench-publish") as publishers:
+        for _ in publishers.map(lambda p: p.enqueue(), prepared):
+            pass
     load.wait_for(
         lambda: load.queue_length(url, QUEUE) >= n, run.deadline.budget("publish"), "backlog"
     )
@@ -328,12 +329,15 @@ def run_sameconf(run: Run, kind: str, url: str, config: Config) -> dict[str, Any
     _publish_events(run, url, envs[0], tag).app.close()
     args = [f"--loglevel={config.loglevel}", "-Q", QUEUE]
     worker = run.start("bench.sameconf_app", envs, args, f"sameconf-{tag}-{kind}")
+    spy = _spy(run, worker, f"sameconf-{kind}")
 
     def done() -> bool:
         return stamps.exists() and stamps.read_bytes().count(b"\n") >= n
 
     try:
         load.wait_for(done, run.deadline.budget("same-config no-op"), f"{n} no-op tasks", worker)
+        if spy is not None:
+            spy.stop()
     finally:
         rss = run.stop(worker)
     # A message whose ack had not reached the broker comes back: not ours to deliver.
@@ -369,6 +373,17 @@ def run_http(run: Run, kind: str, _url: str, config: Config) -> dict[str, Any]:
         "rss_mb": rss,
         **run.cpu(loop, times),
     }
+
+
+def _spy(run: Run, worker: Worker, name: str) -> Any:
+    """With ``--profile``, py-spy on the worker from the moment it consumes (its start-up's
+    imports are no per-event cost), written to ``profile-<name>.txt``."""
+    if not run.args.profile:
+        return None
+    from bench.profile import Recorder  # noqa: PLC0415  py-spy only when profiling
+
+    load.wait_for(worker.ready, run.deadline.budget("worker ready"), "ready", worker, 0.05)
+    return Recorder(worker.procs[0].pid, run.out / f"profile-{name}.txt")
 
 
 def _latency(
@@ -629,14 +644,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"where to write the PNG plot ({PLOT.relative_to(ROOT)}; quick: the run's "
         "folder; '' for none)")  # fmt: skip
     add("--profile", action="store_true",
-        help="py-spy --gil on the worker draining the single-event backlog, once per broker "
-        "(ours only; its figures are not for the docs)")  # fmt: skip
+        help="py-spy --gil on the same-config no-op and on the worker draining the "
+        "single-event backlog, once per broker (its figures are not for the docs)")  # fmt: skip
     add("--quick", action="store_true",
         help="for development: 1 round, 1000 events, 3000 batch events, 300 paced; the "
         "options given still win")  # fmt: skip
     args = parser.parse_args(argv)
     if args.profile:
-        args.phases, args.rounds, args.plot = "ours", 1, ""
+        args.phases, args.rounds, args.plot = "sameconf,ours", 1, ""
         if args.events == parser.get_default("events"):
             args.events = PROFILE_EVENTS
     if args.quick:
@@ -728,8 +743,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         from bench import profile  # noqa: PLC0415  py-spy only when profiling
 
-        for kind in kinds:
-            print(f"\n{kind}: " + profile.summary(out / f"profile-{kind}.txt"))
+        for name in (f"{phase}-{kind}" for kind in kinds for phase in ("sameconf", "ours")):
+            print(f"\n{name}: " + profile.summary(out / f"profile-{name}.txt"))
     plot = Path(args.plot) if args.plot else (out / "bench.png" if args.quick else PLOT)
     if args.plot != "":
         from bench import plot as plotting  # noqa: PLC0415  matplotlib only when plotting
