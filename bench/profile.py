@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.procs import ROOT, BenchError
@@ -47,6 +48,42 @@ class Recorder:
             self.proc.kill()
             self.proc.wait(5)
         return self.output
+
+
+def _has(*needles: str) -> Callable[[list[str]], bool]:
+    return lambda frames: any(n in f for f in frames for n in needles)
+
+
+def _logged_by_worker(frames: list[str]) -> bool:
+    logging_call = ("Logger.log ", "Logger.info ", "Logger._log ", "Logger.debug ")
+    return any(f.startswith(logging_call) for f in frames) and any(" (worker/" in f for f in frames)
+
+
+#: Where a sample's time goes, the first rule that matches its stack winning: the floors'
+#: parts (HTTP, Celery) and the relay's own, for ``make bench --profile``'s summary.
+BUCKETS: tuple[tuple[str, Callable[[list[str]], bool]], ...] = (
+    ("HTTP: urllib3 urlopen", _has("HTTPConnectionPool.urlopen")),
+    ("relay: the log line per event", _logged_by_worker),
+    ("relay: metrics", _has("(worker/metrics.py)")),
+    ("relay: Redis delivery count", _has("(worker/redeliveries.py)")),
+    ("relay: event parsing and encoding", _has("(worker/events.py)")),
+    ("bench: a /metrics scrape", _has("prometheus_client/exposition.py")),
+    ("relay: task, relay and gateway code", _has("(worker/tasks.py)", "(worker/relay.py)",
+                                                "(worker/gateway.py)")),
+    ("Celery: the tracer around a task", _has("(celery/app/trace.py)")),
+    ("Celery: the consumer loop (receive, task events, ack)", _has("Hub.create_loop")),
+)  # fmt: skip
+
+
+def buckets(counts: Counter[tuple[str, ...]]) -> Counter[str]:
+    """Samples per bucket; what no rule matches is the pool threads' own (waiting for work,
+    handing the GIL on) and the garbage collector."""
+    out: Counter[str] = Counter()
+    for stack, n in counts.items():
+        frames = [_short(f) for f in stack]
+        label = next((name for name, rule in BUCKETS if rule(frames)), "other: pool threads, GC")
+        out[label] += n
+    return out
 
 
 def stacks(path: Path) -> Counter[tuple[str, ...]]:
@@ -84,7 +121,9 @@ def summary(path: Path, top: int = 15) -> str:
         own[_short(stack[-1])] += n
         for frame in {_short(f) for f in stack}:
             inclusive[frame] += n
-    lines = [f"{path.name}: {total} samples holding the GIL", "self:"]
+    lines = [f"{path.name}: {total} samples holding the GIL", "where the time goes:"]
+    lines += [f"  {n / total:6.1%}  {label}" for label, n in buckets(counts).most_common()]
+    lines.append("self:")
     lines += [f"  {n / total:6.1%}  {frame}" for frame, n in own.most_common(top)]
     lines.append("inclusive, the worker's own code (worker/):")
     ours = [(f, n) for f, n in inclusive.most_common() if " (worker/" in f]
