@@ -15,6 +15,7 @@ import redis
 from kombu import Connection
 
 from bench.procs import BenchError, Worker
+from bench.ratios import steady_window
 
 SERVICE_ID = "SP-1234-56"
 STAMP_ATTRIBUTE = "bench_t"
@@ -69,6 +70,23 @@ def wait_for(
     return time.monotonic() - started
 
 
+def drained_then_delivered(
+    broker_url: str, queue: str, ports: list[int], n: float, *, timeout: float, worker: Worker
+) -> None:
+    """Wait for ``n`` deliveries without loading the worker while it works: first the queue
+    empties (a question to the broker), then the workers' delivered counter reaches ``n``.
+    A scrape of /metrics costs the worker CPU, and polled every 200 ms throughout a phase it
+    took several percent of the worker's time in a profile."""
+    waited = wait_for(lambda: queue_length(broker_url, queue) == 0, timeout, "drain", worker)
+    wait_for(
+        lambda: delivered_counter(ports) >= n,
+        max(1.0, timeout - waited),
+        f"{n:g} deliveries",
+        worker,
+        interval=0.5,
+    )
+
+
 def delivered_counter(ports: list[int]) -> float:
     """The workers' ``totango_events_delivered_total``, summed over tasks and processes; a
     process that does not serve its metrics yet counts 0."""
@@ -107,11 +125,31 @@ def check_exactly_once(calls: list[dict[str, Any]], expected: int) -> list[dict[
 
 
 def rate(times: list[float]) -> float:
-    """Events/s between the first and the last completion: (n - 1) / span."""
-    if len(times) < 2:
-        return 0.0
-    span = max(times) - min(times)
-    return (len(times) - 1) / span if span > 0 else math.inf
+    """Events/s in the steady window, between 10 % and 90 % of the completions."""
+    return steady_window(times).rate
+
+
+def answered_at(calls: list[dict[str, Any]], delay_ms: float) -> list[float]:
+    """When the gateway answered each call: it stamps a call on arrival and answers
+    ``delay_ms`` later. The CPU window is then the one in which the worker settled them."""
+    return [c["received_at"] + delay_ms / 1000 for c in calls]
+
+
+def purge(broker_url: str, queue: str) -> None:
+    """Empty a queue of what a stopped phase left in it (a message handed back unacked)."""
+    if broker_url.startswith("redis"):
+        client = redis.Redis.from_url(broker_url)
+        try:
+            client.delete(queue)
+        finally:
+            client.close()
+        return
+    with Connection(broker_url, connect_timeout=10) as connection:
+        channel: Any = connection.channel()
+        try:
+            channel.queue_purge(queue)
+        finally:
+            channel.close()
 
 
 def latencies_ms(calls: list[dict[str, Any]], delay_ms: float) -> list[float]:

@@ -184,10 +184,18 @@ class RssSampler:
 
 class Worker:
     """Real ``celery -A <app> worker`` processes, one per environment (more than one to
-    measure a process per core), their output in one log file."""
+    measure a process per core), their output in one log file; or, with ``module``, one
+    ``python -m <module> <args>`` per environment (the bare HTTP loop)."""
 
     def __init__(
-        self, app: str, envs: list[dict[str, str]], args: list[str], log_path: Path, other: int
+        self,
+        app: str,
+        envs: list[dict[str, str]],
+        args: list[str],
+        log_path: Path,
+        other: int,
+        *,
+        module: str | None = None,
     ) -> None:
         self.log_path = log_path
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -195,6 +203,8 @@ class Worker:
             for env in envs:
                 name = f"bench-{os.getpid()}-{time.monotonic_ns()}@%h"
                 command = [sys.executable, "-m", "celery", "-A", app, "worker", "-n", name, *args]
+                if module is not None:
+                    command = [sys.executable, "-m", module, *args]
                 proc = subprocess.Popen(  # noqa: S603  our own interpreter and module
                     command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True,
@@ -210,6 +220,15 @@ class Worker:
         except OSError:
             return False
         return text.count(" ready.") >= len(self.procs)
+
+    def finished(self) -> bool:
+        """Every process has exited; one that exited with an error raises ``BenchError``."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                return False
+            if proc.returncode != 0:
+                raise BenchError(f"{proc.args[2]} exited with {proc.returncode}:\n{self.tail()}")
+        return True
 
     def check_alive(self) -> None:
         for proc in self.procs:

@@ -1,28 +1,38 @@
-"""``make bench``: the worker against a no-op Celery task and a naive relay, in one run.
+"""``make bench``: the worker against the floors of its own configuration (a no-op task
+and a bare HTTP loop), a prefork no-op task and a naive relay, in one run.
 
 For each broker (Redis, RabbitMQ; each on a database or vhost of its own, removed after)
 and the project's gateway emulator answering after ``--delay-ms`` (50 ms by default; run by
 ``bench/gateway.py``, which turns Nagle's algorithm off), ``--rounds`` times:
 
-1. no-op: N tasks pre-published, then ``celery -A bench.noop_app worker -P prefork -c 2``;
-2. naive: N tasks pre-published, then ``celery -A bench.naive_app worker -P threads -c 32``;
-3. ours: N events pre-published through the producer API, then the worker as the README
-   recommends for production (``celery -A worker.app worker --loglevel=INFO`` with
+1. noop: N tasks pre-published, then ``celery -A bench.noop_app worker -P prefork -c 2``
+   (plain Celery defaults: the earlier rounds' baseline);
+2. sameconf: N events pre-published through the producer API, then
+   ``celery -A bench.sameconf_app worker -Q totango``: a no-op task in the worker's own
+   Celery configuration (``worker.application.config``), the floor of Celery's cost;
+3. http: ``python -m bench.http_loop``, N calls from as many threads as the worker's pool
+   over one urllib3 keep-alive pool to the same emulator, no queue: the floor of HTTP's;
+4. naive: N tasks pre-published, then ``celery -A bench.naive_app worker -P threads -c 32``;
+5. ours: N events pre-published through the producer API, then the worker as production
+   runs it (``celery -A worker.app worker --loglevel=INFO -Q totango`` with
    ``TOTANGO_POOL``/``_CONCURRENCY``/``_PREFETCH_MULTIPLIER`` from ``--config``, and
    ``RECOMMENDED_CONF`` on top until worker/application.py has it); in the first round, then
-   ``--latency-events`` more at ``--latency-rate`` per second for the enqueue-to-answer
-   latency;
-   Each consumes only ``totango`` (``-Q totango``), as the single-event Deployment does;
-4. batch: a fresh worker as the batch Deployment runs (``-Q totango.batch`` with
+   ``--latency-events`` more at half the rate it just reached (or ``--latency-rate``) for
+   the enqueue-to-answer latency;
+6. batch: a fresh worker as the batch Deployment runs (``-Q totango.batch`` with
    ``--batch-config``), then, once every process is ready, ``--batch-events`` events in
    batches of 100 (``Producer.send_batch``).
 
-events/s is (n - 1) / (last completion - first completion), a completion being a 200 at the
-gateway, or the no-op task's end; each phase keeps its best round. Every delivered event is
-checked to arrive exactly once. Every comparison is a ratio of figures from the same run.
-The last line printed is the whole result as one JSON object. ``--sweep`` compares settings
-instead. Every process started is stopped, and every vhost and database removed, on any
-exit including Ctrl-C; the run stops waiting after ``--time-limit`` seconds.
+A completion is a 200 answered by the gateway, or a no-op task's end. events/s and CPU per
+event (the phase's process tree, user + system) are taken between 10 % and 90 % of the
+completions (bench/ratios.py); each phase keeps its best round (the most events/s, the
+least CPU per event). Every delivered event is checked to arrive exactly once. The ratios
+and targets (bench/ratios.py) compare figures from the same run; a PNG plot goes to
+``--plot`` (docs/bench.png). The last line printed is the whole result as one JSON object.
+``--sweep`` compares settings instead, ``--quick`` is a short run for development and
+``--profile`` samples the worker with py-spy. Every process started is stopped, and every
+vhost and database removed, on any exit including Ctrl-C; the run stops waiting after
+``--time-limit`` seconds.
 """
 
 from __future__ import annotations
@@ -38,12 +48,13 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from bench import load
+from bench import load, ratios, report
 from bench.procs import ROOT, BenchError, Emulator, Processes, Worker
 from tests.brokers import broker
 from worker.application import create_app
@@ -70,14 +81,19 @@ RECOMMENDED_BATCH = "threads:8:1"
 #: worker.app untouched. Empty: the worker runs exactly as configured, task events on.
 RECOMMENDED_CONF: dict[str, Any] = {}
 
-#: The issue's targets, for 2 cores and a 50 ms gateway.
-TARGET_OVER_NOOP = 0.9
-TARGET_OVER_NAIVE = 3.0
-TARGET_RSS_MB = 200.0
-TARGET_BATCH = 2000.0
+#: The targets are in bench/ratios.py (TARGETS), computed from this run's floors.
 
 #: The longest any single phase may wait for its events, whatever the time limit left.
 PHASE_TIMEOUT = 180.0
+
+#: Where ``make bench`` writes its plot (linked from docs/benchmarks.md).
+PLOT = ROOT / "docs" / "bench.png"
+#: Threads that publish a single-event backlog.
+PUBLISHERS = 4
+#: ``--profile``: enough events for a few thousand samples.
+PROFILE_EVENTS = 10_000
+#: ``--quick``: a development run of about a minute and a half, too short for the docs.
+QUICK = {"rounds": 1, "events": 1000, "batch_events": 3000, "latency_events": 300}
 
 
 @dataclass(frozen=True)
@@ -135,8 +151,16 @@ class Run:
     def log(self, message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
-    def start(self, app: str, envs: list[dict[str, str]], args: list[str], name: str) -> Worker:
-        worker = Worker(app, envs, args, self.out / f"{name}.log", self.emulator.proc.pid)
+    def start(
+        self,
+        app: str,
+        envs: list[dict[str, str]],
+        args: list[str],
+        name: str,
+        module: str | None = None,
+    ) -> Worker:
+        log_path = self.out / f"{name}.log"
+        worker = Worker(app, envs, args, log_path, self.emulator.proc.pid, module=module)
         self.processes.add(worker)
         return worker
 
@@ -145,12 +169,14 @@ class Run:
         return round(worker.peak_rss_mb, 1)
 
     def cpu(self, worker: Worker, times: list[float]) -> dict[str, Any]:
-        """CPU per event between the first and the last completion: the worker's and the
-        gateway emulator's, in ms, and how busy the whole machine was (all cores = 1)."""
-        used = worker.rss.usage(min(times), max(times)) if len(times) > 1 else {}
+        """CPU per event in the steady window (10 % to 90 % of the completions): the
+        worker's process tree's and the gateway emulator's (user + system), in ms, and how
+        busy the whole machine was (all cores = 1)."""
+        window = ratios.steady_window(times)
+        used = worker.rss.usage(window.start, window.end) if window.completions else {}
         if not used:
             return {}
-        per = max(1, len(times) - 1) * used["wall"] / max(1e-9, max(times) - min(times))
+        per = window.completions * used["wall"] / max(1e-9, window.end - window.start)
         return {
             "worker_cpu_ms": round(used["worker"] / per * 1000, 3),
             "gateway_cpu_ms": round(used["other"] / per * 1000, 3),
@@ -232,7 +258,7 @@ def run_naive(run: Run, kind: str, url: str) -> dict[str, Any]:
         rss = run.stop(worker)
     calls = load.check_exactly_once(load.phase_calls(emulator.calls(), tag), n)
     emulator.reset()
-    times = [c["received_at"] for c in calls]
+    times = load.answered_at(calls, emulator.delay_ms)
     label = f"threads c={run.args.naive_concurrency}"
     return {
         "events_per_s": round(load.rate(times), 1),
@@ -248,41 +274,123 @@ def run_ours(
     n, tag = run.args.events, f"ours{uuid.uuid4().hex[:6]}"
     emulator = run.emulator
     envs, ports = _worker_envs(run, url, config, f"ours-{kind}")
-    producer = Producer(app=create_app(Settings.from_env(envs[0])))
-    for i in range(n):
-        producer.track_activity(**load.event_kwargs(tag, i))
-    load.wait_for(
-        lambda: load.queue_length(url, QUEUE) >= n, run.deadline.budget("publish"), "backlog"
-    )
+    producer = _publish_events(run, url, envs[0], tag)
     emulator.reset()
     worker = _start_ours(run, envs, config, f"ours-{tag}-{kind}", QUEUE)
     result: dict[str, Any] = {}
+    spy = _spy(run, worker, f"ours-{kind}")
     try:
-        load.wait_for(
-            lambda: load.delivered_counter(ports) >= n,
-            run.deadline.budget("ours"),
-            f"{n} deliveries",
-            worker,
+        load.drained_then_delivered(
+            url, QUEUE, ports, n, timeout=run.deadline.budget("ours"), worker=worker
         )
+        if spy is not None:
+            result["profile"] = str(spy.stop())
         calls = load.check_exactly_once(_gateway_calls(run, tag, n, worker), n)
-        times = [c["received_at"] for c in calls]
+        times = load.answered_at(calls, emulator.delay_ms)
         result["events_per_s"] = round(load.rate(times), 1)
         emulator.reset()
         if latency:
-            result.update(_latency(run, producer, ports, n, worker))
+            # At half the rate this worker just reached, unless --latency-rate says.
+            per_s = run.args.latency_rate or ratios.latency_rate(result["events_per_s"], 200.0)
+            result.update(_latency(run, producer, ports, n, worker, per_s=per_s))
     finally:
         result["rss_mb"] = run.stop(worker)
+        result["processes"] = config.processes
         producer.app.close()
     if "events_per_s" in result:
         result.update(run.cpu(worker, times))
     return result
 
 
+def _publish_events(run: Run, url: str, env: dict[str, str], tag: str) -> Producer:
+    """The single-event backlog: ``--events`` events through the producer API, all queued
+    on ``totango`` before a worker starts."""
+    n = run.args.events
+    producer = Producer(app=create_app(Settings.from_env(env)))
+    prepared = [producer.prepare(TRACK_ACTIVITY, **load.event_kwargs(tag, i)) for i in range(n)]
+    # A few publishers at once: each publish waits for the broker's confirm, and one at a
+    # time the backlog took longer than the phase it feeds.
+    with ThreadPoolExecutor(PUBLISHERS, thread_name_prefix="bench-publish") as publishers:
+        for _ in publishers.map(lambda p: p.enqueue(), prepared):
+            pass
+    load.wait_for(
+        lambda: load.queue_length(url, QUEUE) >= n, run.deadline.budget("publish"), "backlog"
+    )
+    return producer
+
+
+def run_sameconf(run: Run, kind: str, url: str, config: Config) -> dict[str, Any]:
+    """The no-op task in the worker's own configuration (bench/sameconf_app.py), on the
+    same messages as ours, consumed as production does (``-Q totango``)."""
+    n, tag = run.args.events, f"same{uuid.uuid4().hex[:6]}"
+    envs, _ports = _worker_envs(run, url, config, f"sameconf-{kind}")
+    stamps = run.out / f"{tag}-{kind}.stamps"
+    envs = [{**env, "BENCH_STAMP_FILE": str(stamps)} for env in envs]
+    _publish_events(run, url, envs[0], tag).app.close()
+    args = [f"--loglevel={config.loglevel}", "-Q", QUEUE]
+    worker = run.start("bench.sameconf_app", envs, args, f"sameconf-{tag}-{kind}")
+    spy = _spy(run, worker, f"sameconf-{kind}")
+
+    def done() -> bool:
+        return stamps.exists() and stamps.read_bytes().count(b"\n") >= n
+
+    try:
+        load.wait_for(done, run.deadline.budget("same-config no-op"), f"{n} no-op tasks", worker)
+        if spy is not None:
+            spy.stop()
+    finally:
+        rss = run.stop(worker)
+    # A message whose ack had not reached the broker comes back: not ours to deliver.
+    load.purge(url, QUEUE)
+    times = [float(line) for line in stamps.read_text().split()]
+    return {
+        "events_per_s": round(load.rate(times), 1),
+        "pool": config.label,
+        "rss_mb": rss,
+        **run.cpu(worker, times),
+    }
+
+
+def run_http(run: Run, kind: str, _url: str, config: Config) -> dict[str, Any]:
+    """The bare HTTP loop (bench/http_loop.py): ``--events`` calls from as many threads as
+    the worker's pool, over one urllib3 pool, to the same emulator; no broker."""
+    n, tag = run.args.events, f"http{uuid.uuid4().hex[:6]}"
+    emulator = run.emulator
+    emulator.reset()
+    args = ["--url", emulator.gateway_url, "--calls", str(n)]
+    args += ["--threads", str(config.concurrency), "--tag", tag]
+    loop = run.start("", [_clean_env()], args, f"http-{tag}-{kind}", module="bench.http_loop")
+    try:
+        load.wait_for(loop.finished, run.deadline.budget("bare HTTP"), f"{n} bare calls")
+    finally:
+        rss = run.stop(loop)
+    calls = load.check_exactly_once(load.phase_calls(emulator.calls(), tag), n)
+    emulator.reset()
+    times = load.answered_at(calls, emulator.delay_ms)
+    return {
+        "events_per_s": round(load.rate(times), 1),
+        "pool": f"{config.concurrency} threads, one urllib3 pool",
+        "rss_mb": rss,
+        **run.cpu(loop, times),
+    }
+
+
+def _spy(run: Run, worker: Worker, name: str) -> Any:
+    """With ``--profile``, py-spy on the worker from the moment it consumes (its start-up's
+    imports are no per-event cost), written to ``profile-<name>.txt``."""
+    if not run.args.profile:
+        return None
+    from bench.profile import Recorder  # noqa: PLC0415  py-spy only when profiling
+
+    load.wait_for(worker.ready, run.deadline.budget("worker ready"), "ready", worker, 0.05)
+    return Recorder(worker.procs[0].pid, run.out / f"profile-{name}.txt")
+
+
 def _latency(
-    run: Run, producer: Producer, ports: list[int], already: int, worker: Worker
+    run: Run, producer: Producer, ports: list[int], already: int, worker: Worker, *, per_s: float
 ) -> dict[str, Any]:
     """Events published at a steady rate to the running worker: enqueue to the answer."""
-    m, per_s, tag = run.args.latency_events, run.args.latency_rate, f"lat{uuid.uuid4().hex[:6]}"
+    m, tag = run.args.latency_events, f"lat{uuid.uuid4().hex[:6]}"
     started = time.monotonic()
     for i in range(m):
         pause = started + i / per_s - time.monotonic()
@@ -322,21 +430,18 @@ def run_batch(run: Run, kind: str, url: str, config: Config) -> dict[str, Any]:
         load.wait_for(worker.ready, run.deadline.budget("workers ready"), "ready", worker)
         producer.send_batch(prepared)
         producer.app.close()
-        load.wait_for(
-            lambda: load.delivered_counter(ports) >= b,
-            run.deadline.budget("batch"),
-            f"{b} batch deliveries",
-            worker,
-        )
+        budget = run.deadline.budget("batch")
+        load.drained_then_delivered(url, BATCH_QUEUE, ports, b, timeout=budget, worker=worker)
         calls = load.check_exactly_once(_gateway_calls(run, tag, b, worker), b)
     finally:
         rss = run.stop(worker)
     emulator.reset()
-    times = [c["received_at"] for c in calls]
+    times = load.answered_at(calls, emulator.delay_ms)
     return {
         "events_per_s": round(load.rate(times), 1),
         "messages": messages,
         "rss_mb": rss,
+        "processes": config.processes,
         **run.cpu(worker, times),
     }
 
@@ -423,7 +528,7 @@ def _phase(run: Run, name: str, results: dict[str, Any], fn: Any, *args: Any) ->
         run.log(f"{name}: {results[name]}")
 
 
-PHASES = ("noop", "naive", "ours", "batch")
+PHASES = ("noop", "sameconf", "http", "naive", "ours", "batch")
 
 
 def bench_broker(run: Run, kind: str, config: Config, batch: Config) -> dict[str, Any]:
@@ -439,6 +544,10 @@ def bench_broker(run: Run, kind: str, config: Config, batch: Config) -> dict[str
                 results: dict[str, Any] = {}
                 if phase == "noop":
                     _phase(run, phase, results, run_noop, kind, url)
+                elif phase == "sameconf":
+                    _phase(run, phase, results, run_sameconf, kind, url, config)
+                elif phase == "http":
+                    _phase(run, phase, results, run_http, kind, url, config)
                 elif phase == "naive":
                     _phase(run, phase, results, run_naive, kind, url)
                 elif phase == "ours":
@@ -448,14 +557,17 @@ def bench_broker(run: Run, kind: str, config: Config, batch: Config) -> dict[str
                 else:
                     _phase(run, phase, results, run_batch, kind, url, batch)
                 tries[phase].append(results[phase])
-    summary = summarize({phase: _best(found) for phase, found in tries.items()})
+    best = {phase: _best(found) for phase, found in tries.items()}
+    summary = summarize(best, delay_ms=run.args.delay_ms)
     summary["rounds"] = {p: [t.get("events_per_s") for t in found] for p, found in tries.items()}
     return summary
 
 
 def _best(tries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The round with the most events/s, with the latency of the round that measured it and
-    the highest RSS of all rounds; the first error when no round finished."""
+    """The round with the most events/s, with the latency of the round that measured it,
+    the lowest CPU per event and the highest RSS of all rounds; the first error when no round
+    finished. Other load on the machine only ever slows a phase down and adds to its CPU per
+    event (more context switches, colder caches), never the other way."""
     done = [t for t in tries if "events_per_s" in t]
     if not done:
         return tries[0]
@@ -465,6 +577,9 @@ def _best(tries: list[dict[str, Any]]) -> dict[str, Any]:
             if key in t:
                 best[key] = t[key]
     best["rss_mb"] = max(t.get("rss_mb") or 0 for t in done)
+    cpu = [t["worker_cpu_ms"] for t in done if t.get("worker_cpu_ms") is not None]
+    if cpu:
+        best["worker_cpu_ms"] = min(cpu)
     return best
 
 
@@ -483,120 +598,24 @@ def _ours_only(run: Run, kind: str, url: str, config: Config) -> dict[str, Any]:
     return run_ours(run, kind, url, config, latency=False)
 
 
-def summarize(results: dict[str, Any]) -> dict[str, Any]:
-    def figure(phase: str, key: str) -> Any:
-        return results.get(phase, {}).get(key)
-
-    noop, naive, ours = (figure(p, "events_per_s") for p in ("noop", "naive", "ours"))
-    rss = [figure(p, "rss_mb") for p in ("ours", "batch") if figure(p, "rss_mb") is not None]
-    summary = {
-        "noop_events_per_s": noop,
-        "naive_events_per_s": naive,
-        "ours_events_per_s": ours,
-        "ours_over_noop": round(ours / noop, 2) if ours and noop else None,
-        "ours_over_naive": round(ours / naive, 2) if ours and naive else None,
-        "batch_events_per_s": figure("batch", "events_per_s"),
-        "p50_ms": figure("ours", "p50_ms"),
-        "p99_ms": figure("ours", "p99_ms"),
-        "latency_rate": figure("ours", "latency_rate"),
-        "rss_mb": max(rss) if rss else None,
+def summarize(results: dict[str, Any], *, delay_ms: float) -> dict[str, Any]:
+    """One broker's figures, the ratios to the floors and each target's verdict."""
+    values = ratios.ratios(results, delay_ms=delay_ms)
+    ours = results.get("ours", {})
+    return {
+        "events_per_s": {p: r.get("events_per_s") for p, r in results.items()},
         "cpu_ms_per_event": {p: r.get("worker_cpu_ms") for p, r in results.items()},
         "gateway_cpu_ms_per_event": {
-            p: r.get("gateway_cpu_ms") for p, r in results.items() if p != "noop"
+            p: r.get("gateway_cpu_ms") for p, r in results.items() if p not in ("noop", "sameconf")
         },
+        "rss_mb": {p: r.get("rss_mb") for p, r in results.items()},
+        "p50_ms": ours.get("p50_ms"),
+        "p99_ms": ours.get("p99_ms"),
+        "latency_rate": ours.get("latency_rate"),
+        "ratios": values,
+        "targets": {k: ratios.verdict_text(v) for k, v in ratios.verdicts(values).items()},
         "errors": {p: r["error"] for p, r in results.items() if "error" in r},
     }
-    summary["targets_met"] = {
-        "over_noop": _at_least(summary["ours_over_noop"], TARGET_OVER_NOOP),
-        "over_naive": _at_least(summary["ours_over_naive"], TARGET_OVER_NAIVE),
-        "rss": summary["rss_mb"] is not None and summary["rss_mb"] <= TARGET_RSS_MB,
-        "batch": _at_least(summary["batch_events_per_s"], TARGET_BATCH),
-    }
-    return summary
-
-
-def _at_least(value: float | None, target: float) -> bool:
-    return value is not None and value >= target
-
-
-def table(results: dict[str, dict[str, Any]]) -> str:
-    columns: list[tuple[str, str]] = [
-        ("broker", ""),
-        ("no-op ev/s", "noop_events_per_s"),
-        ("naive ev/s", "naive_events_per_s"),
-        ("ours ev/s", "ours_events_per_s"),
-        ("ours/no-op", "ours_over_noop"),
-        ("ours/naive", "ours_over_naive"),
-        ("batch ev/s", "batch_events_per_s"),
-        ("p50 ms", "p50_ms"),
-        ("p99 ms", "p99_ms"),
-        ("RSS MB", "rss_mb"),
-    ]
-    rows = [[title for title, _ in columns]]
-    for kind, summary in results.items():
-        rows.append([kind] + [_cell(summary.get(key)) for _, key in columns[1:]])
-    targets = ["target", "", "", "", f">= {TARGET_OVER_NOOP}", f">= {TARGET_OVER_NAIVE}"]
-    rows.append([*targets, f">= {TARGET_BATCH:.0f}", "", "", f"<= {TARGET_RSS_MB:.0f}"])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
-    lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-        for row in rows
-    ]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
-def cpu_table(results: dict[str, dict[str, Any]]) -> str:
-    """CPU per event of each worker (its whole process tree), between its first and last
-    completion: what one event costs, whatever else ran on the machine."""
-    lines = [
-        "| CPU ms per event | no-op | naive | ours | batch | gateway emulator (ours) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for kind, summary in results.items():
-        cpu = summary.get("cpu_ms_per_event", {})
-        emulator = summary.get("gateway_cpu_ms_per_event", {}).get("ours")
-        cells = [kind, *(_cell(cpu.get(p)) for p in PHASES), _cell(emulator)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def sweep_table(results: dict[str, dict[str, Any]]) -> str:
-    lines = [
-        "| broker | setting | ev/s | / no-op | CPU ms/ev | batch ev/s | batch CPU ms/ev | RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for kind, phases in results.items():
-        noop = phases.get("noop", {})
-        rate = noop.get("events_per_s")
-        cpu = noop.get("worker_cpu_ms")
-        lines.append(f"| {kind} | no-op prefork c=2 | {_cell(rate)} | 1 | {_cell(cpu)} | | | |")
-        for name, ours in phases.items():
-            if not name.startswith("ours "):
-                continue
-            label = name.removeprefix("ours ")
-            batch = phases.get(f"batch {label}", {})
-            value = ours.get("events_per_s")
-            ratio = round(value / rate, 2) if value and rate else None
-            rss = max(ours.get("rss_mb") or 0, batch.get("rss_mb") or 0) or None
-            cells = [
-                kind,
-                label,
-                _cell(value or ours.get("error")),
-                _cell(ratio),
-                _cell(ours.get("worker_cpu_ms")),
-                _cell(batch.get("events_per_s") or batch.get("error")),
-                _cell(batch.get("worker_cpu_ms")),
-                _cell(rss),
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -606,27 +625,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--events", type=int, default=3000, help="events per single-event phase (3000)")
     add("--batch-events", type=int, default=10000, help="events in the batch phase (10000)")
     add("--latency-events", type=int, default=1000, help="paced events for latency (1000)")
-    add("--latency-rate", type=float, default=200.0, help="paced events per second (200)")
+    add("--latency-rate", type=float, default=0.0,
+        help="paced events per second (0: half the rate ours just reached)")  # fmt: skip
     add("--naive-concurrency", type=int, default=32, help="naive relay threads (32)")
     add("--brokers", default="redis,rabbitmq", help="comma-separated: redis, rabbitmq")
     add("--config", default=f"{RECOMMENDED_POOL}:{RECOMMENDED_CONCURRENCY}:{RECOMMENDED_PREFETCH}",
         help="the worker's pool:concurrency:prefetch[:processes[:loglevel]]")  # fmt: skip
     add("--batch-config", default=RECOMMENDED_BATCH,
         help=f"the batch worker's settings, the same way ({RECOMMENDED_BATCH})")  # fmt: skip
-    add("--phases", default=",".join(PHASES), help="a subset of noop,naive,ours,batch")
+    add("--phases", default=",".join(PHASES), help=f"a subset of {','.join(PHASES)}")
     add("--sweep", default="", help="compare settings instead, e.g. threads:32:2,threads:64:2")
     add("--conf", action="append", default=[], help="a Celery override KEY=JSON (sweep)")
     add("--rounds", type=int, default=2, help="tries of each phase; the best counts (2)")
     add("--as-configured", action="store_true",
         help="run worker.app exactly as configured, without RECOMMENDED_CONF")  # fmt: skip
-    add("--time-limit", type=float, default=540.0, help="seconds for the whole run (540)")
+    add("--time-limit", type=float, default=720.0, help="seconds for the whole run (720)")
+    add("--plot", default=None,
+        help=f"where to write the PNG plot ({PLOT.relative_to(ROOT)}; quick: the run's "
+        "folder; '' for none)")  # fmt: skip
+    add("--profile", action="store_true",
+        help="py-spy --gil on the same-config no-op and on the worker draining the "
+        "single-event backlog, once per broker (its figures are not for the docs)")  # fmt: skip
+    add("--quick", action="store_true",
+        help="for development: 1 round, 1000 events, 3000 batch events, 300 paced; the "
+        "options given still win")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.profile:
+        args.phases, args.rounds, args.plot = "sameconf,ours", 1, ""
+        if args.events == parser.get_default("events"):
+            args.events = PROFILE_EVENTS
+    if args.quick:
+        for name, value in QUICK.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
     caps = {"events": 100_000, "batch_events": 100_000, "latency_events": 20_000, "rounds": 5}
     for name, cap in caps.items():
         if not 1 <= getattr(args, name) <= cap:
             parser.error(f"--{name.replace('_', '-')} must be between 1 and {cap}")
-    if not 1 <= args.latency_rate <= 5000 or not 0 <= args.delay_ms <= 5000:
-        parser.error("--latency-rate must be 1-5000 and --delay-ms 0-5000")
+    if not 0 <= args.latency_rate <= 5000 or not 0 <= args.delay_ms <= 5000:
+        parser.error("--latency-rate must be 0-5000 and --delay-ms 0-5000")
     return args
 
 
@@ -647,6 +684,14 @@ def _run(args: argparse.Namespace) -> Iterator[Run]:
         processes.close()
 
 
+def _plot_title(args: argparse.Namespace, config: Config, batch: Config) -> str:
+    day = time.strftime("%Y-%m-%d")
+    return (
+        f"make bench {day}: gateway {args.delay_ms:g} ms, {os.cpu_count()} cores, "
+        f"ours {config.label}, batch {batch.label}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Also SIGINT: a shell without job control starts a background job with it ignored.
@@ -663,13 +708,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.sweep:
             configs = [Config.parse(text, conf) for text in args.sweep.split(",")]
             swept = {kind: sweep_broker(run, kind, configs) for kind in kinds}
-            print(sweep_table(swept))
+            print(report.sweep_table(swept))
             print(json.dumps({"sweep": swept, "delay_ms": args.delay_ms, "events": args.events}))
             return 0
         config = Config.parse(args.config, conf)
         batch = Config.parse(args.batch_config, conf)
         results = {kind: bench_broker(run, kind, config, batch) for kind in kinds}
-    report = {
+        out = run.out
+    summary = {
         "bench": "totango-worker",
         "delay_ms": args.delay_ms,
         "events": args.events,
@@ -679,17 +725,34 @@ def main(argv: list[str] | None = None) -> int:
         "batch": asdict(batch) | {"label": batch.label},
         "naive": f"threads c={args.naive_concurrency}, one requests.get per task",
         "noop": "prefork c=2, acks_late",
+        "sameconf": f"worker.application.config, {config.label}, -Q totango, a no-op task",
+        "http": f"{config.concurrency} threads, one urllib3 keep-alive pool, no queue",
+        "method": "steady rate and CPU between 10 % and 90 % of the completions",
         "seconds": round(time.monotonic() - started),
         "results": results,
     }
     print(
         f"\ngateway {args.delay_ms:g} ms, {args.events} events per phase, "
-        f"ours = {config.label}, batch = {batch.label}"
+        f"ours = {config.label}, batch = {batch.label}, {summary['seconds']} s"
     )
-    print(table(results))
+    print(report.table(results))
     print()
-    print(cpu_table(results))
-    print(json.dumps(report, sort_keys=True))
+    print(report.cpu_table(results))
+    print()
+    print(report.targets_table(results))
+    if args.profile:
+        from bench import profile  # noqa: PLC0415  py-spy only when profiling
+
+        for name in (f"{phase}-{kind}" for kind in kinds for phase in ("sameconf", "ours")):
+            print(f"\n{name}: " + profile.summary(out / f"profile-{name}.txt"))
+    plot = Path(args.plot) if args.plot else (out / "bench.png" if args.quick else PLOT)
+    if args.plot != "":
+        from bench import plot as plotting  # noqa: PLC0415  matplotlib only when plotting
+
+        plotting.write(results, plot, title=_plot_title(args, config, batch))
+        print(f"plot: {plot}")
+    (out / "result.json").write_text(json.dumps(summary, sort_keys=True, indent=1))
+    print(json.dumps(summary, sort_keys=True))
     # A missed target is a result to read, not a failure; a phase that could not run is.
     return 1 if any(r["errors"] for r in results.values()) else 0
 

@@ -1,0 +1,107 @@
+"""The arithmetic of ``make bench``'s ratios and targets (bench/ratios.py), on made-up
+figures: no worker runs and nothing is timed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.ratios import (
+    TARGETS,
+    latency_rate,
+    ratios,
+    steady_window,
+    verdict_text,
+    verdicts,
+)
+
+#: One broker's phases as bench/run.py records them.
+FIGURES = {
+    "noop": {"events_per_s": 3000.0, "worker_cpu_ms": 0.36},
+    "sameconf": {"events_per_s": 2000.0, "worker_cpu_ms": 0.47},
+    "http": {"events_per_s": 2100.0, "worker_cpu_ms": 0.45},
+    "naive": {"events_per_s": 500.0, "worker_cpu_ms": 1.5},
+    "ours": {"events_per_s": 650.0, "worker_cpu_ms": 1.30, "p99_ms": 58.0, "rss_mb": 70.0},
+    "batch": {"events_per_s": 1500.0, "worker_cpu_ms": 0.70, "rss_mb": 80.0},
+}
+
+
+def test_relay_overhead_is_single_cpu_minus_both_floors() -> None:
+    """1.30 - (0.47 + 0.45) = 0.38 ms: what the relay adds above Celery and HTTP."""
+    assert ratios(FIGURES, delay_ms=50)["relay_overhead_ms"] == pytest.approx(0.38)
+
+
+def test_rate_and_cpu_ratios_divide_the_right_phases() -> None:
+    """Single over the same-config no-op, batch CPU over bare HTTP CPU, single over naive,
+    and the old ratio to the prefork no-op, each from its own two phases."""
+    values = ratios(FIGURES, delay_ms=50)
+    assert values["single_over_sameconf"] == 0.33
+    assert values["batch_cpu_over_http"] == 1.56
+    assert values["ours_over_naive"] == 1.3
+    assert values["ours_over_prefork_noop"] == 0.22
+
+
+def test_rss_is_per_process_and_latency_is_above_the_gateway_delay() -> None:
+    """The higher of ours' and batch's peak, each divided by its own processes; p99 minus
+    the gateway's delay."""
+    figures = {**FIGURES, "batch": {**FIGURES["batch"], "processes": 2}}
+    values = ratios(figures, delay_ms=50)
+    assert values["rss_mb_per_process"] == 70.0
+    figures["ours"] = {**FIGURES["ours"], "processes": 2}
+    assert ratios(figures, delay_ms=50)["rss_mb_per_process"] == 40.0
+    assert values["p99_over_delay_ms"] == 8.0
+
+
+def test_a_missing_phase_gives_no_figure_not_zero() -> None:
+    """Without the bare HTTP phase there is no overhead and no batch ratio, and the targets
+    on them are neither passed nor failed."""
+    figures = {k: v for k, v in FIGURES.items() if k != "http"}
+    values = ratios(figures, delay_ms=50)
+    assert values["relay_overhead_ms"] is None
+    assert values["batch_cpu_over_http"] is None
+    judged = verdicts(values)
+    assert judged["relay_overhead_ms"] is None
+    assert judged["single_over_sameconf"] is False
+    assert verdict_text(judged["relay_overhead_ms"]) == "n/a"
+
+
+def test_verdicts_hold_at_the_bound_and_fail_past_it() -> None:
+    """A value equal to a target's bound passes; just past it fails, in either direction."""
+    at_bounds = {t.key: t.bound for t in TARGETS}
+    assert all(verdicts(at_bounds).values())
+    past = {t.key: t.bound + (0.01 if t.op == "<=" else -0.01) for t in TARGETS}
+    assert not any(verdicts(past).values())
+    assert verdict_text(True) == "PASS"
+    assert verdict_text(False) == "FAIL"
+
+
+def test_every_target_names_a_ratio_that_is_computed() -> None:
+    """A target whose key the ratios never produce would silently read n/a forever."""
+    assert {t.key for t in TARGETS} <= set(ratios(FIGURES, delay_ms=50))
+
+
+def test_steady_window_spans_ten_to_ninety_percent_of_completions() -> None:
+    """101 completions, one per 10 ms but a slow start and tail: the window is completions
+    10 to 90, 80 intervals over 0.8 s, 100 per second whatever the ends did."""
+    times = [0.01 * i for i in range(101)]
+    times[0], times[100] = -5.0, 9.0
+    window = steady_window(times)
+    assert window.completions == 80
+    assert window.start == pytest.approx(0.10)
+    assert window.end == pytest.approx(0.90)
+    assert window.rate == pytest.approx(100.0)
+
+
+def test_steady_window_of_too_few_completions() -> None:
+    """Two completions are one interval; fewer give no rate at all."""
+    assert steady_window([1.0, 3.0]).rate == pytest.approx(0.5)
+    assert steady_window([1.0]).rate == 0.0
+    assert math.isinf(steady_window([2.0, 2.0]).rate)
+
+
+def test_latency_is_paced_at_half_the_measured_rate() -> None:
+    """Half of what the worker just reached, or the fallback when that phase failed."""
+    assert latency_rate(650.0, 200.0) == 325.0
+    assert latency_rate(None, 200.0) == 200.0
+    assert latency_rate(math.inf, 200.0) == 200.0
