@@ -16,6 +16,7 @@ from worker.gateway import Gateway
 from worker.process_local import PerProcess
 from worker.relay import TotangoCelery
 from worker.settings import Settings
+from worker.state import StateStore
 from worker.topology import batch_queue, exchange_for, task_queue
 
 
@@ -25,6 +26,9 @@ def create_app(settings: Settings | None = None) -> TotangoCelery:
     app.settings = settings
     app.gateway = PerProcess(partial(Gateway, settings))
     app.batch_executor = PerProcess(partial(batch.new_executor, settings))
+    app.state_store = (
+        PerProcess(partial(StateStore.for_settings, settings)) if settings.dedup_on else None
+    )
     app.conf.update(config(settings))
     app.steps["consumer"].add(DeclareQueues)
     app.steps["consumer"].add(Heartbeat)

@@ -42,6 +42,8 @@ class Metrics:
     responses: Counter
     in_flight: Gauge
     queue_wait: Histogram
+    duplicates_suppressed: Counter
+    state_errors: Counter
 
 
 def _create_metrics() -> Metrics:
@@ -70,6 +72,16 @@ def _create_metrics() -> Metrics:
             "totango_queue_wait_seconds",
             "Time from enqueue to the start of the task",
             buckets=WAIT_BUCKETS,
+        ),
+        duplicates_suppressed=Counter(
+            "totango_events_duplicates_suppressed",
+            "Copies of an event already delivered, acknowledged without a call",
+            ["task"],
+        ),
+        state_errors=Counter(
+            "totango_state_errors",
+            "Events sent unchecked or left unrecorded: the state store could not be reached",
+            ["op"],
         ),
     )
 
@@ -129,6 +141,14 @@ def record_retried(task: str, reason: str) -> None:
 
 def record_dead_lettered(task: str, reason: str) -> None:
     metrics().dead_lettered.labels(task=task, reason=reason).inc()
+
+
+def record_duplicate_suppressed(task: str) -> None:
+    _child("duplicates_suppressed", task).inc()
+
+
+def record_state_error(op: str, events: int) -> None:
+    _child("state_errors", op).inc(events)
 
 
 def record_queue_wait(enqueued_at: Any) -> None:

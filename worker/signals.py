@@ -21,6 +21,7 @@ from worker.envelope import Envelope, event_id_of
 from worker.errors import ConfigError
 from worker.gateway import check_gateway
 from worker.settings import Settings
+from worker.state import StateStore, redacted
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,32 @@ def on_celeryd_init(instance: Any = None, **_: Any) -> None:
         sys.stderr.write(f"totango-worker: bad setting {exc}\n")
         raise SystemExit(2) from None
     observability.init_sentry(settings)
+    log_features(settings)
+
+
+def log_features(settings: Settings) -> None:
+    """Say at start which features of the state store are on, and why one is off."""
+    url = settings.state_store_url
+    if not settings.dedup:
+        log.info("duplicate suppression off (TOTANGO_DEDUP=false)")
+        return
+    if url is None:
+        log.info(
+            "duplicate suppression off: no state store (the broker is not Redis; "
+            "set TOTANGO_STATE_URL to a Redis)"
+        )
+        return
+    store = StateStore(url, settings.dedup_ttl)
+    try:
+        reachable = "reachable" if store.ping() else "UNREACHABLE, failing open"
+    finally:
+        store.close()
+    log.info(
+        "duplicate suppression on: state store %s (%s), delivered ids kept %gs",
+        redacted(url),
+        reachable,
+        settings.dedup_ttl,
+    )
 
 
 def on_worker_init(sender: Any = None, **_: Any) -> None:
