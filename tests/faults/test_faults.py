@@ -130,12 +130,25 @@ def _recovery(run: Run, kills: list[Kill]) -> tuple[str, set[str]]:
     worst, late = 0.0, set()
     for kill in kills:
         times = first_200_after(run, kill.stranded, kill.at)
-        for key in kill.stranded:
+        # With duplicate suppression on, a stranded event whose 200 came before the kill
+        # (recorded, not yet acknowledged) comes back and is acknowledged without a call:
+        # it was delivered, and there is nothing to recover.
+        before = delivered_before(run, kill.stranded - times.keys(), kill.at)
+        for key in kill.stranded - before:
             took = times.get(key, float("inf")) - kill.at
             worst = max(worst, took)
             if took > PROMISED_RECOVERY:
                 late.add(key)
     return f"{worst:.1f} s (promised <= {PROMISED_RECOVERY:g} s)", late
+
+
+def delivered_before(run: Run, keys: set[str], at: float) -> set[str]:
+    """The keys among these that the gateway answered 200 for before ``at``."""
+    found: set[str] = set()
+    for call in run.gateway.delivered():
+        if call.received_at < at:
+            found.update({k for _, v in call.params for k in KEY_RE.findall(v)} & keys)
+    return found
 
 
 def _kill_note(kills: list[Kill], late: set[str]) -> str:
