@@ -84,6 +84,8 @@ class StateStore:
             return None
         found: set[str] = set()
         try:
+            if len(event_ids) == 1:  # a single event: GET costs less than MGET
+                return set(event_ids) if self._client.get(delivered_key(event_ids[0])) else set()
             for start in range(0, len(event_ids), CHUNK):
                 chunk = event_ids[start : start + CHUNK]
                 values = self._client.mget([delivered_key(e) for e in chunk])  # one round trip
@@ -103,6 +105,9 @@ class StateStore:
             return False
         stamp = f"{time.time():.3f}"
         try:
+            if len(event_ids) == 1:  # a single event: no pipeline object to build
+                self._client.set(delivered_key(event_ids[0]), stamp, ex=self.ttl)
+                return True
             for start in range(0, len(event_ids), CHUNK):
                 pipe = self._client.pipeline(transaction=False)  # one round trip, no MULTI
                 for event_id in event_ids[start : start + CHUNK]:
