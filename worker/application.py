@@ -16,6 +16,7 @@ from worker.process_local import PerProcess
 from worker.producer_app import config, transport_options
 from worker.relay import TotangoCelery
 from worker.settings import Settings
+from worker.state import StateStore
 
 
 def create_app(settings: Settings | None = None) -> TotangoCelery:
@@ -24,6 +25,9 @@ def create_app(settings: Settings | None = None) -> TotangoCelery:
     app.settings = settings
     app.gateway = PerProcess(partial(Gateways, settings))
     app.batch_executor = PerProcess(partial(batch.new_executor, settings))
+    app.state_store = (
+        PerProcess(partial(StateStore.for_settings, settings)) if settings.dedup_on else None
+    )
     app.conf.update(config(settings))
     app.conf.update(worker_config(settings))
     app.steps["consumer"].add(DeclareQueues)

@@ -115,6 +115,19 @@ def relay_batch(
         else:
             valid.append((item, event))
 
+    # One round trip for the whole batch: events already delivered (the batch ran before,
+    # or another copy of an event did) are acknowledged without a call.
+    delivered_before = relay.already_delivered(app, [item.event_id for item, _ in valid])
+    if delivered_before:
+        valid = [(item, event) for item, event in valid if item.event_id not in delivered_before]
+        for event_id in sorted(delivered_before):
+            metrics.record_duplicate_suppressed(TRACK_BATCH)
+            log.debug("duplicate suppressed event_id=%s batch=%s", event_id, batch_id)
+        log.info(
+            "duplicates suppressed batch=%s count=%d: already delivered",
+            batch_id,
+            len(delivered_before),
+        )
     sending = _Sending(app, valid)
     # Dead letters are published while the valid events are in flight.
     for item, problem in invalid:
@@ -130,16 +143,24 @@ def relay_batch(
         dead_letter(app, envelope, settings)
 
     counts = {relay.DELIVERED: 0, relay.RETRYING: 0, relay.DEAD_LETTERED: len(invalid)}
+    if delivered_before:  # the key only when there are any: the counts are the task's result
+        counts[relay.DUPLICATE] = len(delivered_before)
     settle = _Settle(app, batch_id, first_attempt_at)
+    delivered = []
     for (item, event), answer in zip(valid, sending.answers(), strict=True):
-        counts[settle(item, event, answer)] += 1
+        settled = settle(item, event, answer)
+        counts[settled] += 1
+        if settled == relay.DELIVERED:
+            delivered.append(item.event_id)
+    relay.remember_delivered(app, delivered)  # one pipeline for the batch, before the ack
     log.info(
-        "batch task_id=%s events=%d delivered=%d retrying=%d dead_lettered=%d",
+        "batch task_id=%s events=%d delivered=%d retrying=%d dead_lettered=%d duplicates=%d",
         batch_id,
         len(items),
         counts[relay.DELIVERED],
         counts[relay.RETRYING],
         counts[relay.DEAD_LETTERED],
+        len(delivered_before),
     )
     return counts
 

@@ -21,6 +21,7 @@ from worker.contract import DESIGNS, PLAIN
 from worker.envelope import Envelope
 from worker.errors import ConfigError
 from worker.settings import Settings
+from worker.state import StateStore
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -115,6 +116,9 @@ def _dead_letter_parser(parser: argparse.ArgumentParser) -> None:
         action.add_argument("--yes", action="store_true", help="do not ask (for scripts)")
         if name == "replay":
             action.add_argument("--dry-run", action="store_true")
+            action.add_argument(
+                "--rate", type=_positive, help="republish at most this many events per second"
+            )
     stats = sub.add_parser("stats", help="counts by reason, oldest and newest")
     stats.add_argument("--json", action="store_true")
 
@@ -156,8 +160,9 @@ def _change(app: Celery, args: argparse.Namespace) -> int:
     """replay or purge: both change the queue, so both ask first on a terminal."""
     select = selector(args)
     if args.action == "replay" and args.dry_run:
-        would = deadletter.replay(app, select, dry_run=True)
+        would = deadletter.replay(app, select, dry_run=True, store=_store(app))
         print(f"would replay {len(would)} entries")
+        _print_skipped(would, "would skip")
         return 0
     chosen = [e for e in deadletter.browse(app) if select(e)]
     if not chosen:
@@ -166,10 +171,36 @@ def _change(app: Celery, args: argparse.Namespace) -> int:
     if not confirm(f"{args.action} {len(chosen)} entries?", args.yes):
         print("aborted: nothing changed", file=sys.stderr)
         return 1
-    change = deadletter.replay if args.action == "replay" else deadletter.purge
-    done = change(app, select)
-    print(f"{args.action}: {len(done)} entries")
+    if args.action == "purge":
+        print(f"purge: {len(deadletter.purge(app, select))} entries")
+        return 0
+    done = deadletter.replay(app, select, store=_store(app), rate=args.rate)
+    print(f"replay: {len(done)} entries")
+    _print_skipped(done, "skipped")
     return 0
+
+
+def _store(app: Celery) -> StateStore | None:
+    """The app's state store when duplicate suppression is on (``create_app`` made it)."""
+    holder = getattr(app, "state_store", None)
+    return holder.get() if holder is not None else None
+
+
+def _print_skipped(done: deadletter.Replayed, verb: str) -> None:
+    if not done.checked:
+        print("state store unreachable: nothing skipped, every entry replayed as it is")
+    elif done.skipped:
+        print(f"{verb} {len(done.skipped)} entries already delivered (not replayed, removed)")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
 
 
 ACTIONS: dict[str, Callable[[Celery, argparse.Namespace], int]] = {

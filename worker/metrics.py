@@ -43,6 +43,8 @@ class Metrics:
     in_flight: Gauge
     queue_wait: Histogram
     unexpected_body: Counter
+    duplicates_suppressed: Counter
+    state_errors: Counter
 
 
 def _create_metrics() -> Metrics:
@@ -75,6 +77,16 @@ def _create_metrics() -> Metrics:
         unexpected_body=Counter(
             "totango_gateway_unexpected_body",
             "Answers 200 whose body is not the GIF (a proxy's page?): delivered by the rule",
+        ),
+        duplicates_suppressed=Counter(
+            "totango_events_duplicates_suppressed",
+            "Copies of an event already delivered, acknowledged without a call",
+            ["task"],
+        ),
+        state_errors=Counter(
+            "totango_state_errors",
+            "Events sent unchecked or left unrecorded: the state store could not be reached",
+            ["op"],
         ),
     )
 
@@ -138,6 +150,14 @@ def record_dead_lettered(task: str, reason: str) -> None:
 
 def record_unexpected_body() -> None:
     metrics().unexpected_body.inc()
+
+
+def record_duplicate_suppressed(task: str) -> None:
+    _child("duplicates_suppressed", task).inc()
+
+
+def record_state_error(op: str, events: int) -> None:
+    _child("state_errors", op).inc(events)
 
 
 def record_queue_wait(enqueued_at: Any) -> None:

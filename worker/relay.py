@@ -22,6 +22,7 @@ from worker.gateway import Answer, Gateways
 from worker.outcome import Kind, Outcome, decide
 from worker.process_local import PerProcess
 from worker.settings import Settings
+from worker.state import StateStore
 
 if TYPE_CHECKING:
     from worker.events import Event
@@ -37,12 +38,16 @@ class TotangoCelery(Celery):
     settings: Settings
     gateway: PerProcess[Gateways]
     batch_executor: PerProcess[ThreadPoolExecutor]
+    #: The records of delivered event ids; ``None`` when duplicate suppression is off.
+    state_store: PerProcess[StateStore] | None
 
 
 #: Returned by the tasks and counted by the batch.
 DELIVERED = "delivered"
 RETRYING = "retrying"
 DEAD_LETTERED = "dead_lettered"
+#: A copy of an event already delivered: acknowledged without a call.
+DUPLICATE = "duplicate"
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,31 @@ class RateLimitedWarning:
 
 #: A 200 that is not the GIF: once a minute at most, per process.
 unexpected_body_warning = RateLimitedWarning(60.0)
+
+
+def already_delivered(app: TotangoCelery, event_ids: list[str]) -> set[str]:
+    """The ids among these that the gateway already answered 200 for: one round trip to the
+    state store for all of them. Empty when suppression is off or the store cannot be
+    reached (fail open: the events are sent)."""
+    store = app.state_store
+    if store is None or not event_ids:
+        return set()
+    return store.get().delivered(event_ids) or set()
+
+
+def suppressed(attempt: Attempt) -> str:
+    """A copy of a delivered event: counted and logged, then acknowledged without a call."""
+    metrics.record_duplicate_suppressed(attempt.task)
+    log.info("duplicate suppressed %s attempt=%d: already delivered", attempt.who, attempt.number)
+    return DUPLICATE
+
+
+def remember_delivered(app: TotangoCelery, event_ids: list[str]) -> None:
+    """Record these ids as delivered (one pipelined round trip), before the message is
+    acknowledged: a copy that comes later is then suppressed."""
+    store = app.state_store
+    if store is not None and event_ids:
+        store.get().record(event_ids)
 
 
 def send(app: TotangoCelery, event: Event) -> Answer:

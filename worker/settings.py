@@ -72,6 +72,14 @@ class Settings:
     log_level: str = "INFO"
     #: Where the embedded (``filesystem://``) broker of ``make demo`` keeps its messages.
     filesystem_dir: str = ".demo/broker"
+    # --- the state store (worker/state.py): duplicate suppression --------------------------
+    #: A Redis URL; unset: the broker itself when it is Redis, else no store (features off).
+    state_url: str | None = None
+    #: Record each delivered event id, and acknowledge a copy of a delivered event unsent.
+    dedup: bool = True
+    #: How long a delivered id is remembered (7 days): the longest path to a redelivery
+    #: (``redelivery_span``) plus the window in which a replay of it is still recognised.
+    dedup_ttl: float = 7 * 24 * 3600.0
 
     @property
     def broker_kind(self) -> str:
@@ -149,8 +157,12 @@ class Settings:
             sentry_send_pii=_bool(e, "TOTANGO_SENTRY_SEND_PII", d.sentry_send_pii),
             log_level=e.get("TOTANGO_LOG_LEVEL", d.log_level).upper(),
             filesystem_dir=e.get("TOTANGO_FILESYSTEM_DIR", d.filesystem_dir),
+            state_url=_state_url(e.get("TOTANGO_STATE_URL") or None),
+            dedup=_bool(e, "TOTANGO_DEDUP", d.dedup),
+            dedup_ttl=_float(e, "TOTANGO_DEDUP_TTL", d.dedup_ttl, low=1),
         )
         settings.check_delays()
+        settings.check_dedup_ttl()
         return settings
 
     @property
@@ -207,6 +219,39 @@ class Settings:
                 "TOTANGO_RETRY_BACKOFF_MAX",
                 f"the longest retry delay ({self.longest_delay:g}s) must stay under half of "
                 f"the broker's consumer_timeout ({self.rabbitmq_consumer_timeout:g}s)",
+            )
+
+    @property
+    def state_store_url(self) -> str | None:
+        """The state store: ``TOTANGO_STATE_URL``, else the broker when it is Redis."""
+        if self.state_url is not None:
+            return self.state_url
+        return self.broker_url if self.broker_kind == "redis" else None
+
+    @property
+    def dedup_on(self) -> bool:
+        """Duplicate suppression runs only with a store to keep the records in."""
+        return self.dedup and self.state_store_url is not None
+
+    @property
+    def redelivery_span(self) -> float:
+        """The longest time from a 200 to another copy of that message reaching a worker:
+        the broker holding a message (Redis ``visibility_timeout``, RabbitMQ
+        ``consumer_timeout``) plus every retry delay at its cap."""
+        held = (
+            self.visibility_timeout
+            if self.broker_kind == "redis"
+            else self.rabbitmq_consumer_timeout
+        )
+        return held + self.max_retries * self.longest_delay
+
+    def check_dedup_ttl(self) -> None:
+        """A record that expires before the last copy of its message arrives stops nothing."""
+        if self.dedup_on and self.dedup_ttl <= self.redelivery_span:
+            raise ConfigError(
+                "TOTANGO_DEDUP_TTL",
+                f"must exceed the longest path to a redelivery ({self.redelivery_span:g}s: "
+                "the broker's hold on a message plus every retry delay at its cap)",
             )
 
     def check_worker(self) -> None:
@@ -270,6 +315,18 @@ def _url_kind(url: str) -> str:
     raise ConfigError(
         "TOTANGO_BROKER_URL", f"must be an amqp:// or redis:// URL; got scheme {scheme!r}"
     )
+
+
+def _state_url(url: str | None) -> str | None:
+    if url is None:
+        return None
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:
+        raise ConfigError("TOTANGO_STATE_URL", "is not a valid URL") from None
+    if scheme not in {"redis", "rediss", "unix"}:
+        raise ConfigError("TOTANGO_STATE_URL", f"must be a redis:// URL; got scheme {scheme!r}")
+    return url
 
 
 def is_loopback(host: str) -> bool:

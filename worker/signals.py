@@ -22,6 +22,7 @@ from worker.envelope import Envelope, event_id_of
 from worker.errors import ConfigError
 from worker.gateway import check_gateway
 from worker.settings import Settings
+from worker.state import StateStore, redacted
 from worker.topology import ForeignDeclaration, Topology, discover
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,32 @@ def use_broker_topology(app: Any, settings: Settings) -> None:
                 topology.exchange_type,
                 ", ".join(missing),
             )
+    log_features(settings)
+
+
+def log_features(settings: Settings) -> None:
+    """Say at start which features of the state store are on, and why one is off."""
+    url = settings.state_store_url
+    if not settings.dedup:
+        log.info("duplicate suppression off (TOTANGO_DEDUP=false)")
+        return
+    if url is None:
+        log.info(
+            "duplicate suppression off: no state store (the broker is not Redis; "
+            "set TOTANGO_STATE_URL to a Redis)"
+        )
+        return
+    store = StateStore(url, settings.dedup_ttl)
+    try:
+        reachable = "reachable" if store.ping() else "UNREACHABLE, failing open"
+    finally:
+        store.close()
+    log.info(
+        "duplicate suppression on: state store %s (%s), delivered ids kept %gs",
+        redacted(url),
+        reachable,
+        settings.dedup_ttl,
+    )
 
 
 def on_worker_init(sender: Any = None, **_: Any) -> None:

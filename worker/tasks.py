@@ -1,8 +1,10 @@
 """The single-event tasks: a message becomes an event, the event is sent, the outcome is
 settled (``worker.relay``).
 
-Delivered: done. Retryable and budget left: Celery's ``Task.retry`` with the decided delay.
-Invalid, or out of retries: an envelope on the dead-letter queue, then the message is acked.
+Delivered: recorded in the state store (when it is on), done. Already delivered (another
+copy of it was): acknowledged without a call. Retryable and budget left: Celery's
+``Task.retry`` with the decided delay. Invalid, or out of retries: an envelope on the
+dead-letter queue, then the message is acked.
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ def relay_event(
         return relay.DEAD_LETTERED
 
     attempt = relay.current_attempt(name, event, kwargs, request)
+    if relay.already_delivered(app, [event.event_id]):
+        return relay.suppressed(attempt)
     answer = relay.send(app, event)
 
     def retry(attempt: relay.Attempt, answer: Answer, outcome: Outcome) -> None:
@@ -119,7 +123,10 @@ def relay_event(
             queue=QUEUE,
         )
 
-    return relay.settle(app, attempt, answer, retry)
+    settled = relay.settle(app, attempt, answer, retry)
+    if settled == relay.DELIVERED:
+        relay.remember_delivered(app, [event.event_id])
+    return settled
 
 
 def _over_delivery_limit(app: TotangoCelery, request: Any) -> bool:

@@ -150,8 +150,11 @@ class PrivateRedis:
     operator's choice, not the worker's fault.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, persistent: bool = True) -> None:
         self.directory = directory
+        #: ``False``: no AOF and no snapshot, as a state store (``--save '' --appendonly no``),
+        #: so a restart starts empty.
+        self.persistent = persistent
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
@@ -165,7 +168,7 @@ class PrivateRedis:
         self.proc = subprocess.Popen(
             [
                 "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                "--save", "", *self._persistence(),
                 "--dir", str(self.directory), "--daemonize", "no",
                 "--logfile", str(self.directory / "redis.log"),
             ],
@@ -186,6 +189,11 @@ class PrivateRedis:
                 time.sleep(0.05)
         finally:
             client.close()
+
+    def _persistence(self) -> list[str]:
+        if not self.persistent:
+            return ["--appendonly", "no"]
+        return ["--appendonly", "yes", "--appendfsync", "always"]
 
     def kill(self) -> None:
         """kill -9: no shutdown save, only what the append-only file already holds."""

@@ -1,0 +1,333 @@
+"""Duplicate suppression by event id, in this process: the task bodies and the batch run with
+``Task.apply`` on the embedded (filesystem) broker, the loopback gateway emulator, and a
+state store in a Redis database of the test's own. Also the settings that turn it on, the
+store's fail-open behaviour, and a replay that skips what was delivered."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from prometheus_client import REGISTRY
+
+from tests.brokers import redis_database
+from tests.faults.processes import free_port
+from totango_emulator import GatewayEmulator
+from worker.application import TotangoCelery, create_app
+from worker.contract import TRACK_ACTIVITY, TRACK_BATCH
+from worker.deadletter import browse, pause_before, publish, replay
+from worker.envelope import HOSTNAME, Envelope
+from worker.errors import ConfigError
+from worker.settings import Settings
+from worker.state import KEY_PREFIX, StateStore, delivered_key, redacted
+
+REDIS = "redis://127.0.0.1:6379/3"
+AMQP = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def activity(event_id: str) -> dict[str, str]:
+    return {
+        "account_id": "acme",
+        "user_id": f"u-{event_id}",
+        "activity": "Login",
+        "module": "App",
+        "event_id": event_id,
+    }
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# --- settings ------------------------------------------------------------------------------
+
+
+def test_the_store_defaults_to_a_redis_broker_and_is_off_on_rabbitmq() -> None:
+    """Unset TOTANGO_STATE_URL: the broker itself on Redis (suppression on); none on
+    RabbitMQ (suppression off) unless a URL is given."""
+    on_redis = Settings.from_env({"TOTANGO_BROKER_URL": REDIS})
+    assert (on_redis.state_store_url, on_redis.dedup_on) == (REDIS, True)
+    on_rabbit = Settings.from_env({"TOTANGO_BROKER_URL": AMQP})
+    assert (on_rabbit.state_store_url, on_rabbit.dedup_on) == (None, False)
+    given = Settings.from_env({"TOTANGO_BROKER_URL": AMQP, "TOTANGO_STATE_URL": REDIS})
+    assert (given.state_store_url, given.dedup_on) == (REDIS, True)
+    off = Settings.from_env({"TOTANGO_BROKER_URL": REDIS, "TOTANGO_DEDUP": "false"})
+    assert off.dedup_on is False
+
+
+def test_a_state_url_that_is_not_redis_is_refused() -> None:
+    """TOTANGO_STATE_URL must be a Redis URL; the error names the variable."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"TOTANGO_STATE_URL": "http://127.0.0.1:6379"})
+    assert info.value.variable == "TOTANGO_STATE_URL"
+
+
+def test_the_ttl_must_outlast_the_longest_path_to_a_redelivery() -> None:
+    """A record that expires before the last copy of its message can arrive is refused:
+    the TTL must exceed the broker's hold plus every retry delay at its cap."""
+    env = {"TOTANGO_BROKER_URL": REDIS, "TOTANGO_VISIBILITY_TIMEOUT": "3600"}
+    settings = Settings.from_env(env)
+    assert settings.redelivery_span == 3600 + 8 * 600
+    assert settings.dedup_ttl == 7 * 24 * 3600
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({**env, "TOTANGO_DEDUP_TTL": "8400"})
+    assert info.value.variable == "TOTANGO_DEDUP_TTL"
+    # With suppression off, the TTL does not matter.
+    Settings.from_env({**env, "TOTANGO_DEDUP_TTL": "60", "TOTANGO_DEDUP": "false"})
+
+
+def test_a_logged_store_url_hides_its_password() -> None:
+    """The start-up line names the store without its password."""
+    assert redacted("redis://:s3cret@store:6379/2") == "redis://:***@store:6379/2"
+    assert redacted("redis://user:s3cret@store/0") == "redis://user:***@store/0"
+    assert redacted("redis://store:6379/0") == "redis://store:6379/0"
+
+
+# --- the store -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store_url() -> Iterator[str]:
+    """A Redis database of the test's own for the state store."""
+    with redis_database() as url:
+        yield url
+
+
+def test_the_store_remembers_delivered_ids_for_the_ttl(store_url: str) -> None:
+    """record() sets one key per id with the TTL; delivered() finds exactly those."""
+    store = StateStore(store_url, ttl=600)
+    client = redis.Redis.from_url(store_url)
+    try:
+        assert store.delivered(["a", "b"]) == set()
+        assert store.record(["a", "c"])
+        assert store.delivered(["a", "b", "c"]) == {"a", "c"}
+        assert 590 <= client.ttl(delivered_key("a")) <= 600
+        assert sorted(client.keys(f"{KEY_PREFIX}*")) == [
+            delivered_key("a").encode(),
+            delivered_key("c").encode(),
+        ]
+    finally:
+        client.close()
+        store.close()
+
+
+def test_an_unreachable_store_fails_open_and_counts() -> None:
+    """Nothing listens on the store's port: delivered() answers None (nothing known, send
+    it), record() False, no exception; each is counted in totango_state_errors_total."""
+    store = StateStore(f"redis://127.0.0.1:{free_port()}/0", ttl=600)
+    checks = sample("totango_state_errors_total", op="check")
+    records = sample("totango_state_errors_total", op="record")
+    try:
+        assert store.delivered(["a", "b"]) is None
+        assert store.record(["a"]) is False  # skipped for RETRY_AFTER after the failure
+    finally:
+        store.close()
+    assert sample("totango_state_errors_total", op="check") == checks + 2
+    assert sample("totango_state_errors_total", op="record") == records + 1
+
+
+# --- the tasks -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_app(
+    tmp_path: Path, gateway: GatewayEmulator, store_url: str
+) -> Iterator[Callable[..., TotangoCelery]]:
+    """An app on the embedded broker whose state store is the test's Redis database."""
+    apps: list[TotangoCelery] = []
+
+    def make(**extra: str) -> TotangoCelery:
+        folder = tmp_path / f"broker-{len(apps)}"
+        (folder / "control").mkdir(parents=True)
+        env = {
+            "TOTANGO_BROKER_URL": "filesystem://",
+            "TOTANGO_FILESYSTEM_DIR": str(folder),
+            "TOTANGO_GATEWAY_URL": f"{gateway.url}/pixel.gif",
+            "TOTANGO_SERVICE_ID": "SP-1234-56",
+            "TOTANGO_MAX_RETRIES": "2",
+            "TOTANGO_RETRY_BACKOFF_BASE": "1",
+            "TOTANGO_RETRY_BACKOFF_MAX": "2",
+            "TOTANGO_METRICS_PORT": "0",
+            "TOTANGO_STATE_URL": store_url,
+            **extra,
+        }
+        app = create_app(Settings.from_env(env))
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        if app.state_store is not None:
+            app.state_store.get().close()
+        app.close()
+
+
+def test_a_second_copy_of_a_delivered_event_is_acknowledged_without_a_call(
+    make_app: Callable[..., TotangoCelery], gateway: GatewayEmulator
+) -> None:
+    """A producer publishes one event id twice (or the broker redelivers it): the first is
+    delivered, the second returns ``duplicate`` with no gateway call, and is counted."""
+    app = make_app()
+    before = sample("totango_events_duplicates_suppressed_total", task=TRACK_ACTIVITY)
+    task = app.tasks[TRACK_ACTIVITY]
+    assert task.apply(kwargs=activity("dup-1"), task_id="t-1").get() == "delivered"
+    assert task.apply(kwargs=activity("dup-1"), task_id="t-2").get() == "duplicate"
+    assert len(gateway.calls()) == 1
+    after = sample("totango_events_duplicates_suppressed_total", task=TRACK_ACTIVITY)
+    assert after == before + 1
+
+
+def test_an_event_without_an_id_is_known_by_its_task_id(
+    make_app: Callable[..., TotangoCelery], gateway: GatewayEmulator
+) -> None:
+    """No event_id: the task id stands for it, so a redelivery of the same message is
+    suppressed, and another message with the same content is not."""
+    app = make_app()
+    kwargs = {k: v for k, v in activity("x").items() if k != "event_id"}
+    task = app.tasks[TRACK_ACTIVITY]
+    assert task.apply(kwargs=kwargs, task_id="same").get() == "delivered"
+    assert task.apply(kwargs=kwargs, task_id="same").get() == "duplicate"
+    assert task.apply(kwargs=kwargs, task_id="other").get() == "delivered"
+    assert len(gateway.calls()) == 2
+
+
+def test_a_failed_call_is_not_recorded(
+    make_app: Callable[..., TotangoCelery], gateway: GatewayEmulator
+) -> None:
+    """Only a 200 is recorded: an event that got a 503 and was dead-lettered is sent
+    again by its next copy (a replay)."""
+    app = make_app(TOTANGO_MAX_RETRIES="0")
+    gateway.add_rule(None, [503])
+    task = app.tasks[TRACK_ACTIVITY]
+    assert task.apply(kwargs=activity("e-503"), task_id="t-1").get() == "dead_lettered"
+    assert task.apply(kwargs=activity("e-503"), task_id="t-2").get() == "delivered"
+    assert [c.status for c in gateway.calls()] == [503, 200]
+
+
+def test_suppression_turned_off_sends_every_copy(
+    make_app: Callable[..., TotangoCelery], gateway: GatewayEmulator
+) -> None:
+    """TOTANGO_DEDUP=false: no store, and both copies reach the gateway (at least once)."""
+    app = make_app(TOTANGO_DEDUP="false")
+    assert app.state_store is None
+    task = app.tasks[TRACK_ACTIVITY]
+    assert task.apply(kwargs=activity("d-1"), task_id="t-1").get() == "delivered"
+    assert task.apply(kwargs=activity("d-1"), task_id="t-2").get() == "delivered"
+    assert len(gateway.calls()) == 2
+
+
+def test_a_store_that_cannot_be_reached_sends_the_event(
+    make_app: Callable[..., TotangoCelery], gateway: GatewayEmulator
+) -> None:
+    """Fail open: with nothing listening on the store's port, each copy is sent and
+    delivered (a duplicate rather than a loss), counted, and the task does not fail."""
+    app = make_app(TOTANGO_STATE_URL=f"redis://127.0.0.1:{free_port()}/0")
+    before = sample("totango_state_errors_total", op="check")
+    task = app.tasks[TRACK_ACTIVITY]
+    assert task.apply(kwargs=activity("o-1"), task_id="t-1").get() == "delivered"
+    assert task.apply(kwargs=activity("o-1"), task_id="t-2").get() == "delivered"
+    assert len(gateway.delivered()) == 2
+    assert sample("totango_state_errors_total", op="check") >= before + 2
+
+
+def batch_of(*event_ids: str) -> dict[str, list[dict[str, object]]]:
+    return {"events": [{"task": TRACK_ACTIVITY, "kwargs": activity(e)} for e in event_ids]}
+
+
+def test_a_batch_run_again_makes_no_call(
+    make_app: Callable[..., TotangoCelery], gateway: GatewayEmulator
+) -> None:
+    """A batch whose worker died after sending it runs again: every event was recorded, so
+    the second run makes no call and counts each as a duplicate."""
+    app = make_app()
+    task = app.tasks[TRACK_BATCH]
+    first = task.apply(kwargs=batch_of("b-1", "b-2", "b-3"), task_id="batch-1").get()
+    assert first == {"delivered": 3, "retrying": 0, "dead_lettered": 0}
+    again = task.apply(kwargs=batch_of("b-1", "b-2", "b-3"), task_id="batch-1").get()
+    assert again == {"delivered": 0, "retrying": 0, "dead_lettered": 0, "duplicate": 3}
+    assert len(gateway.calls()) == 3
+
+
+def test_a_batch_sends_only_its_events_not_yet_delivered(
+    make_app: Callable[..., TotangoCelery], gateway: GatewayEmulator
+) -> None:
+    """One event of a batch was delivered alone before: the batch sends the other two."""
+    app = make_app()
+    assert app.tasks[TRACK_ACTIVITY].apply(kwargs=activity("m-2")).get() == "delivered"
+    counts = app.tasks[TRACK_BATCH].apply(kwargs=batch_of("m-1", "m-2", "m-3")).get()
+    assert counts == {"delivered": 2, "retrying": 0, "dead_lettered": 0, "duplicate": 1}
+    users = sorted(dict(c.params)["sdr_u"] for c in gateway.calls())
+    assert users == ["u-m-1", "u-m-2", "u-m-3"]
+
+
+# --- replay --------------------------------------------------------------------------------
+
+
+def dead_letter_of(event_id: str) -> Envelope:
+    return Envelope(
+        reason="worker_lost",
+        event_id=event_id,
+        task=TRACK_ACTIVITY,
+        kwargs=activity(event_id),
+        attempts=1,
+        worker_host=HOSTNAME,
+    )
+
+
+def test_a_replay_skips_and_removes_what_was_delivered(
+    make_app: Callable[..., TotangoCelery],
+) -> None:
+    """Two dead letters, one whose event was in fact delivered: the replay republishes the
+    other, skips that one and removes it from the dead-letter queue."""
+    app = make_app()
+    assert app.tasks[TRACK_ACTIVITY].apply(kwargs=activity("r-1")).get() == "delivered"
+    publish(app, dead_letter_of("r-1"))
+    publish(app, dead_letter_of("r-2"))
+    assert app.state_store is not None
+    done = replay(app, lambda _: True, store=app.state_store.get())
+    assert [e.event_id for e in done] == ["r-2"]
+    assert [e.event_id for e in done.skipped] == ["r-1"]
+    assert done.checked
+    assert browse(app) == []
+
+
+def test_a_dry_run_replay_reports_what_it_would_skip_and_changes_nothing(
+    make_app: Callable[..., TotangoCelery],
+) -> None:
+    """--dry-run with a store: the delivered entry is reported as skipped, and both stay."""
+    app = make_app()
+    assert app.tasks[TRACK_ACTIVITY].apply(kwargs=activity("y-1")).get() == "delivered"
+    publish(app, dead_letter_of("y-1"))
+    publish(app, dead_letter_of("y-2"))
+    assert app.state_store is not None
+    done = replay(app, lambda _: True, dry_run=True, store=app.state_store.get())
+    assert ([e.event_id for e in done], [e.event_id for e in done.skipped]) == (["y-2"], ["y-1"])
+    assert sorted(str(e.event_id) for e in browse(app)) == ["y-1", "y-2"]
+
+
+def test_a_replay_with_the_store_down_replays_everything(
+    make_app: Callable[..., TotangoCelery],
+) -> None:
+    """Fail open: the store cannot be reached, so nothing is skipped and the replay says so."""
+    app = make_app()
+    publish(app, dead_letter_of("z-1"))
+    store = StateStore(f"redis://127.0.0.1:{free_port()}/0", ttl=600)
+    try:
+        done = replay(app, lambda _: True, store=store)
+    finally:
+        store.close()
+    assert ([e.event_id for e in done], done.skipped, done.checked) == (["z-1"], [], False)
+
+
+@pytest.mark.parametrize(
+    ("published", "rate", "elapsed", "pause"),
+    [(0, 10.0, 0.0, 0.0), (5, 10.0, 0.0, 0.5), (5, 10.0, 0.2, 0.3), (5, 10.0, 0.9, 0.0)],
+    ids=["first-at-once", "on-schedule", "partly-waited", "behind-schedule"],
+)
+def test_a_throttled_replay_waits_for_its_schedule(
+    published: int, rate: float, elapsed: float, pause: float
+) -> None:
+    """--rate N: the k-th republish is due k/N seconds after the start, never earlier."""
+    assert pause_before(100.0, published, rate, 100.0 + elapsed) == pytest.approx(pause)
