@@ -104,6 +104,35 @@ def app_for() -> Iterator[Callable[[dict[str, str]], TotangoCelery]]:
 
 
 @pytest.fixture
+def embedded_app(
+    tmp_path: Path,
+    gateway: GatewayEmulator,
+    app_for: Callable[[dict[str, str]], TotangoCelery],
+) -> Callable[..., TotangoCelery]:
+    """Apps on the embedded broker (a folder of their own, no broker server) and the
+    loopback emulator, for running task bodies in this process; ``VARIABLE=""`` removes a
+    setting, any other keyword sets it."""
+
+    def make(**extra: str) -> TotangoCelery:
+        folder = tmp_path / f"broker-{len(list(tmp_path.glob('broker-*')))}"
+        (folder / "control").mkdir(parents=True)
+        env = {
+            "TOTANGO_BROKER_URL": "filesystem://",
+            "TOTANGO_FILESYSTEM_DIR": str(folder),
+            "TOTANGO_GATEWAY_URL": f"{gateway.url}/pixel.gif",
+            "TOTANGO_SERVICE_ID": "SP-1234-56",
+            "TOTANGO_MAX_RETRIES": "3",
+            "TOTANGO_RETRY_BACKOFF_BASE": "1",
+            "TOTANGO_RETRY_BACKOFF_MAX": "4",
+            "TOTANGO_METRICS_PORT": "0",
+            **extra,
+        }
+        return app_for({k: v for k, v in env.items() if v})
+
+    return make
+
+
+@pytest.fixture
 def producer_for(
     app_for: Callable[[dict[str, str]], TotangoCelery],
 ) -> Callable[[dict[str, str]], Producer]:

@@ -10,7 +10,6 @@ publishes nothing), so each test sees exactly the decision the worker made.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,30 +35,8 @@ ACTIVITY = {"account_id": "acme", "user_id": "jo@acme.test", "activity": "Login"
 
 
 @pytest.fixture
-def make_app(
-    tmp_path: Path,
-    gateway: GatewayEmulator,
-    app_for: Callable[[dict[str, str]], TotangoCelery],
-) -> Callable[..., TotangoCelery]:
-    """An app on the embedded broker (a folder of its own) and the loopback emulator."""
-
-    def make(**extra: str) -> TotangoCelery:
-        folder = tmp_path / f"broker-{len(list(tmp_path.glob('broker-*')))}"
-        (folder / "control").mkdir(parents=True)
-        env = {
-            "TOTANGO_BROKER_URL": "filesystem://",
-            "TOTANGO_FILESYSTEM_DIR": str(folder),
-            "TOTANGO_GATEWAY_URL": f"{gateway.url}/pixel.gif",
-            "TOTANGO_SERVICE_ID": "SP-1234-56",
-            "TOTANGO_MAX_RETRIES": "3",
-            "TOTANGO_RETRY_BACKOFF_BASE": "1",
-            "TOTANGO_RETRY_BACKOFF_MAX": "4",
-            "TOTANGO_METRICS_PORT": "0",
-            **extra,
-        }
-        return app_for(env)
-
-    return make
+def make_app(embedded_app: Callable[..., TotangoCelery]) -> Callable[..., TotangoCelery]:
+    return embedded_app
 
 
 def dead_letters(app: TotangoCelery) -> list[Envelope]:

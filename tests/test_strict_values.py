@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ from prometheus_client import REGISTRY
 
 from totango_emulator import GatewayEmulator
 from worker import relay
-from worker.application import TotangoCelery, create_app
+from worker.application import TotangoCelery
 from worker.client import Producer
 from worker.contract import TRACK_ACTIVITY, TRACK_BATCH, UPDATE_ACCOUNT, UPDATE_USER
 from worker.deadletter import browse
@@ -33,31 +32,8 @@ RESPONSES = "totango_gateway_responses_total"
 
 
 @pytest.fixture
-def make_app(tmp_path: Path, gateway: GatewayEmulator) -> Iterator[Callable[..., TotangoCelery]]:
-    apps: list[TotangoCelery] = []
-
-    def make(**extra: str) -> TotangoCelery:
-        folder = tmp_path / f"broker-{len(apps)}"
-        (folder / "control").mkdir(parents=True)
-        env = {
-            "TOTANGO_BROKER_URL": "filesystem://",
-            "TOTANGO_FILESYSTEM_DIR": str(folder),
-            "TOTANGO_GATEWAY_URL": f"{gateway.url}/pixel.gif",
-            "TOTANGO_SERVICE_ID": "SP-1234-56",
-            "TOTANGO_MAX_RETRIES": "3",
-            "TOTANGO_RETRY_BACKOFF_BASE": "1",
-            "TOTANGO_RETRY_BACKOFF_MAX": "4",
-            "TOTANGO_METRICS_PORT": "0",
-            **extra,
-        }
-        env = {k: v for k, v in env.items() if v}  # an empty value removes a setting
-        app = create_app(Settings.from_env(env))
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.close()
+def make_app(embedded_app: Callable[..., TotangoCelery]) -> Callable[..., TotangoCelery]:
+    return embedded_app
 
 
 def run(app: TotangoCelery, task: str, kwargs: dict[str, Any], task_id: str) -> Any:
