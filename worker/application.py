@@ -72,6 +72,12 @@ def worker_config(settings: Settings) -> dict[str, Any]:
         # A producer publishes with kombu's own: the fetch is all that differs.
         "broker_transport": "worker.redis_transport:Transport" if kind == "redis" else None,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # Off: after a reconnect, Celery 5.5+ restores a reduced prefetch count from the
+        # pool threads' acks, each calling basic_qos on the consumer's channel while the
+        # consumer loop reads it; with the threads pool they deadlocked and the worker stopped
+        # consuming until its next connection loss (py-spy: every ack thread and the loop in
+        # Channel.basic_qos). The fault suite's broker-cut row caught it.
+        "worker_enable_prefetch_count_reduction": False,
         # The filesystem transport has no broadcast between processes.
         "worker_enable_remote_control": kind != "embedded",
         # Not exclusive: after a failover to another cluster node, the node that lost the
