@@ -376,7 +376,11 @@ def good_attributes(draw: st.DrawFn, prefix: str) -> dict[str, Any]:
     )
     rules = events.NAMED_ATTRIBUTES[prefix]
     return {
-        name: draw(GOOD_BY_NAME[name] if name in rules else custom_values(name)) for name in names
+        # A named attribute without a value rule (parent_id, product_id) takes custom values.
+        name: draw(
+            GOOD_BY_NAME[name] if name in rules and name in GOOD_BY_NAME else custom_values(name)
+        )
+        for name in names
     }
 
 
