@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.brokers import broker
+from tests.brokers import broker, redis_database
 from tests.workers import running_worker, worker_env
 from totango_emulator import GatewayEmulator
 from worker.application import TotangoCelery, create_app
@@ -147,3 +147,43 @@ def drain_dead_letters(app: TotangoCelery, timeout: float = 1.0) -> list[dict[st
     from worker.deadletter import browse  # noqa: PLC0415
 
     return [entry.to_dict() for entry in browse(app, timeout=timeout)]
+
+
+@pytest.fixture
+def store_url() -> Iterator[str]:
+    """A Redis database of the test's own for the state store."""
+    with redis_database() as url:
+        yield url
+
+
+@pytest.fixture
+def make_app(
+    tmp_path: Path, gateway: GatewayEmulator, store_url: str
+) -> Iterator[Callable[..., TotangoCelery]]:
+    """An app on the embedded broker whose state store is the test's Redis database."""
+    apps: list[TotangoCelery] = []
+
+    def make(**extra: str) -> TotangoCelery:
+        folder = tmp_path / f"broker-{len(apps)}"
+        (folder / "control").mkdir(parents=True)
+        env = {
+            "TOTANGO_BROKER_URL": "filesystem://",
+            "TOTANGO_FILESYSTEM_DIR": str(folder),
+            "TOTANGO_GATEWAY_URL": f"{gateway.url}/pixel.gif",
+            "TOTANGO_SERVICE_ID": "SP-1234-56",
+            "TOTANGO_MAX_RETRIES": "2",
+            "TOTANGO_RETRY_BACKOFF_BASE": "1",
+            "TOTANGO_RETRY_BACKOFF_MAX": "2",
+            "TOTANGO_METRICS_PORT": "0",
+            "TOTANGO_STATE_URL": store_url,
+            **extra,
+        }
+        app = create_app(Settings.from_env(env))
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        if app.state_store is not None:
+            app.state_store.get().close()
+        app.close()

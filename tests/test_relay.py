@@ -329,7 +329,13 @@ def test_an_event_that_always_fails_is_dead_lettered_after_the_retries(
     assert envelope.event_id == event_id
     assert envelope.task_id == event_id
     assert envelope.task == "totango.track_activity"
-    assert envelope.kwargs == {**valid_activity("acct-down"), "event_id": event_id}
+    stamped = envelope.kwargs["occurred_at"]  # the producer API's stamp, an epoch in ms
+    assert isinstance(stamped, int)
+    assert envelope.kwargs == {
+        **valid_activity("acct-down"),
+        "event_id": event_id,
+        "occurred_at": stamped,
+    }
     assert envelope.worker_host
     assert len(browse(app, timeout=0)) == 1  # one envelope, not one per attempt
 

@@ -5,17 +5,15 @@ store's fail-open behaviour, and a replay that skips what was delivered."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from tests.brokers import redis_database
 from tests.faults.processes import free_port
 from totango_emulator import GatewayEmulator
-from worker.application import TotangoCelery, create_app
+from worker.application import TotangoCelery
 from worker.contract import TRACK_ACTIVITY, TRACK_BATCH
 from worker.deadletter import browse, pause_before, publish, replay
 from worker.envelope import HOSTNAME, Envelope
@@ -88,13 +86,6 @@ def test_a_logged_store_url_hides_its_password() -> None:
 # --- the store -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def store_url() -> Iterator[str]:
-    """A Redis database of the test's own for the state store."""
-    with redis_database() as url:
-        yield url
-
-
 def test_the_store_remembers_delivered_ids_for_the_ttl(store_url: str) -> None:
     """record() sets one key per id with the TTL; delivered() finds exactly those."""
     store = StateStore(store_url, ttl=600)
@@ -129,39 +120,6 @@ def test_an_unreachable_store_fails_open_and_counts() -> None:
 
 
 # --- the tasks -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def make_app(
-    tmp_path: Path, gateway: GatewayEmulator, store_url: str
-) -> Iterator[Callable[..., TotangoCelery]]:
-    """An app on the embedded broker whose state store is the test's Redis database."""
-    apps: list[TotangoCelery] = []
-
-    def make(**extra: str) -> TotangoCelery:
-        folder = tmp_path / f"broker-{len(apps)}"
-        (folder / "control").mkdir(parents=True)
-        env = {
-            "TOTANGO_BROKER_URL": "filesystem://",
-            "TOTANGO_FILESYSTEM_DIR": str(folder),
-            "TOTANGO_GATEWAY_URL": f"{gateway.url}/pixel.gif",
-            "TOTANGO_SERVICE_ID": "SP-1234-56",
-            "TOTANGO_MAX_RETRIES": "2",
-            "TOTANGO_RETRY_BACKOFF_BASE": "1",
-            "TOTANGO_RETRY_BACKOFF_MAX": "2",
-            "TOTANGO_METRICS_PORT": "0",
-            "TOTANGO_STATE_URL": store_url,
-            **extra,
-        }
-        app = create_app(Settings.from_env(env))
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        if app.state_store is not None:
-            app.state_store.get().close()
-        app.close()
 
 
 def test_a_second_copy_of_a_delivered_event_is_acknowledged_without_a_call(
@@ -209,8 +167,9 @@ def test_a_failed_call_is_not_recorded(
 def test_suppression_turned_off_sends_every_copy(
     make_app: Callable[..., TotangoCelery], gateway: GatewayEmulator
 ) -> None:
-    """TOTANGO_DEDUP=false: no store, and both copies reach the gateway (at least once)."""
-    app = make_app(TOTANGO_DEDUP="false")
+    """TOTANGO_DEDUP=false and TOTANGO_NEWEST_WINS=false: no store, and both copies reach
+    the gateway (at least once)."""
+    app = make_app(TOTANGO_DEDUP="false", TOTANGO_NEWEST_WINS="false")
     assert app.state_store is None
     task = app.tasks[TRACK_ACTIVITY]
     assert task.apply(kwargs=activity("d-1"), task_id="t-1").get() == "delivered"

@@ -118,6 +118,11 @@ class GatewayEmulator:
         self._calls: list[Call] = []
         self._rules: list[_Rule] = []
         self._outage: tuple[Response, str | None] | None = None
+        #: Calls held in transit (``delay_arrival``): each waits, before it reaches the
+        #: gateway, until ``let_arrive``.
+        self._transit_rules: list[dict[str, str]] = []
+        self._arrive = threading.Event()
+        self._in_transit = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -179,6 +184,41 @@ class GatewayEmulator:
     def release(self) -> None:
         self._open.set()
 
+    def delay_arrival(self, match: dict[str, str]) -> None:
+        """The next call whose parameters include ``match`` is held in transit: it is not
+        recorded, applied or answered until ``let_arrive`` (or ``max_hold`` seconds), as a
+        call on a slow path reaches Totango after calls sent later."""
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in match.items()):
+            raise ValueError("match must map strings to strings")
+        with self._lock:
+            self._arrive.clear()
+            self._transit_rules.append(dict(match))
+
+    def in_transit(self) -> int:
+        """How many calls are held in transit now."""
+        with self._lock:
+            return self._in_transit
+
+    def let_arrive(self) -> None:
+        """Every call held in transit reaches the gateway now."""
+        self._arrive.set()
+
+    def _transit(self, raw: str) -> None:
+        params = parse_qsl(raw, keep_blank_values=True)
+        with self._lock:
+            rule = next(
+                (m for m in self._transit_rules if all(p in params for p in m.items())), None
+            )
+            if rule is None:
+                return
+            self._transit_rules.remove(rule)
+            self._in_transit += 1
+        try:
+            self._arrive.wait(self.max_hold)
+        finally:
+            with self._lock:
+                self._in_transit -= 1
+
     def set_max_url_length(self, length: int | None) -> None:
         self.max_url_length = _check_length(length)
 
@@ -209,6 +249,8 @@ class GatewayEmulator:
         with self._lock:
             self._rules.clear()
             self._outage = None
+            self._transit_rules.clear()
+            self._arrive.set()
             self._calls.clear()
 
     def calls(self) -> list[Call]:
@@ -217,6 +259,22 @@ class GatewayEmulator:
 
     def delivered(self) -> list[Call]:
         return [call for call in self.calls() if call.status == 200]
+
+    def attributes(self, account_id: str, user_id: str | None = None) -> dict[str, str]:
+        """What Totango shows for an account (or a user of it): the attributes of every call
+        answered 200, applied in the order the calls arrived, the last one winning."""
+        prefix = "sdr_o." if user_id is None else "sdr_u."
+        shown: dict[str, str] = {}
+        for call in self.delivered():
+            params = dict(call.params)
+            if params.get("sdr_o") != account_id:
+                continue
+            if user_id is not None and params.get("sdr_u") != user_id:
+                continue
+            for name, value in call.params:
+                if name.startswith(prefix):
+                    shown[name.removeprefix(prefix)] = value
+        return shown
 
     def wait_for(self, count: int, timeout: float, delivered_only: bool = True) -> list[Call]:
         deadline = time.monotonic() + timeout
@@ -379,6 +437,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _gateway(self, method: str, raw: str, too_long: bool = False) -> None:
         emulator = self.server.emulator
         headers = dict(self.headers.items())
+        emulator._transit(raw)
         response, retry_after = emulator._decide(method, raw, headers, too_long, self.path)
         emulator._open.wait(emulator.max_hold)
         if response == "reset":

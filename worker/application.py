@@ -26,7 +26,7 @@ def create_app(settings: Settings | None = None) -> TotangoCelery:
     app.gateway = PerProcess(partial(Gateways, settings))
     app.batch_executor = PerProcess(partial(batch.new_executor, settings))
     app.state_store = (
-        PerProcess(partial(StateStore.for_settings, settings)) if settings.dedup_on else None
+        PerProcess(partial(StateStore.for_settings, settings)) if settings.state_on else None
     )
     app.conf.update(config(settings))
     app.conf.update(worker_config(settings))

@@ -115,19 +115,8 @@ def relay_batch(
         else:
             valid.append((item, event))
 
-    # One round trip for the whole batch: events already delivered (the batch ran before,
-    # or another copy of an event did) are acknowledged without a call.
-    delivered_before = relay.already_delivered(app, [item.event_id for item, _ in valid])
-    if delivered_before:
-        valid = [(item, event) for item, event in valid if item.event_id not in delivered_before]
-        for event_id in sorted(delivered_before):
-            metrics.record_duplicate_suppressed(TRACK_BATCH)
-            log.debug("duplicate suppressed event_id=%s batch=%s", event_id, batch_id)
-        log.info(
-            "duplicates suppressed batch=%s count=%d: already delivered",
-            batch_id,
-            len(delivered_before),
-        )
+    delivered_before, planned, superseded = _plan(app, valid, batch_id, first_attempt_at)
+    valid = [(item, plan.event) for item, plan in planned if plan.event is not None]
     sending = _Sending(app, valid)
     # Dead letters are published while the valid events are in flight.
     for item, problem in invalid:
@@ -145,24 +134,69 @@ def relay_batch(
     counts = {relay.DELIVERED: 0, relay.RETRYING: 0, relay.DEAD_LETTERED: len(invalid)}
     if delivered_before:  # the key only when there are any: the counts are the task's result
         counts[relay.DUPLICATE] = len(delivered_before)
+    if superseded:
+        counts[relay.SUPERSEDED] = superseded
+    answers = sending.answers()
+    # One round trip for the batch, before the ack: the delivered ids recorded, newer values
+    # claimed meanwhile sent again.
+    relay.finish(
+        app,
+        [
+            (plan, answer)
+            for (_, plan), answer in zip(planned, answers, strict=True)
+            if isinstance(answer, Answer)
+        ],
+    )
     settle = _Settle(app, batch_id, first_attempt_at)
-    delivered = []
-    for (item, event), answer in zip(valid, sending.answers(), strict=True):
-        settled = settle(item, event, answer)
-        counts[settled] += 1
-        if settled == relay.DELIVERED:
-            delivered.append(item.event_id)
-    relay.remember_delivered(app, delivered)  # one pipeline for the batch, before the ack
+    for (item, event), answer in zip(valid, answers, strict=True):
+        counts[settle(item, event, answer)] += 1
     log.info(
-        "batch task_id=%s events=%d delivered=%d retrying=%d dead_lettered=%d duplicates=%d",
+        "batch task_id=%s events=%d delivered=%d retrying=%d dead_lettered=%d duplicates=%d "
+        "superseded=%d",
         batch_id,
         len(items),
         counts[relay.DELIVERED],
         counts[relay.RETRYING],
         counts[relay.DEAD_LETTERED],
         len(delivered_before),
+        superseded,
     )
     return counts
+
+
+def _plan(
+    app: TotangoCelery,
+    valid: list[tuple[Item, events.Event]],
+    batch_id: str,
+    first_attempt_at: str,
+) -> tuple[set[str], list[tuple[Item, relay.Plan]], int]:
+    """One round trip for the whole batch: events already delivered (the batch ran before,
+    or another copy of an event did) are acknowledged without a call, and attributes with a
+    newer value sent are left out. Returns the ids delivered before, the events to send with
+    their plans, and how many were superseded whole."""
+    delivered_before, plans = relay.check(app, [event for _, event in valid])
+    plan_of = {id(plan.original): plan for plan in plans}
+    if delivered_before:
+        for event_id in sorted(delivered_before):
+            metrics.record_duplicate_suppressed(TRACK_BATCH)
+            log.debug("duplicate suppressed event_id=%s batch=%s", event_id, batch_id)
+        log.info(
+            "duplicates suppressed batch=%s count=%d: already delivered",
+            batch_id,
+            len(delivered_before),
+        )
+    planned: list[tuple[Item, relay.Plan]] = []
+    superseded = 0
+    for item, event in valid:
+        plan = plan_of.get(id(event))
+        if plan is None:  # delivered before
+            continue
+        relay.note_superseded(_attempt(item, event, batch_id, first_attempt_at), plan)
+        if plan.event is None:
+            superseded += 1
+        else:
+            planned.append((item, plan))
+    return delivered_before, planned, superseded
 
 
 #: Events each sender of a batch is planned to send in turn. A Future (with its Condition
@@ -222,6 +256,23 @@ class _Sending:
         return done
 
 
+def _attempt(
+    item: Item, event: events.Event, batch_id: str, first_attempt_at: str
+) -> relay.Attempt:
+    return relay.Attempt(
+        task=item.task,
+        event_id=item.event_id,
+        account_id=event.account_id,
+        kwargs=item.kwargs,
+        task_id=item.event_id,
+        number=1,
+        first_attempt_at=first_attempt_at,
+        started_at=0.0,
+        context=f" batch={batch_id}",
+        delivered_log_level=logging.DEBUG,
+    )
+
+
 @dataclass(frozen=True)
 class _Settle:
     app: TotangoCelery
@@ -249,18 +300,7 @@ class _Settle:
             )
             dead_letter(self.app, envelope, self.app.settings)
             return relay.DEAD_LETTERED
-        attempt = relay.Attempt(
-            task=item.task,
-            event_id=item.event_id,
-            account_id=event.account_id,
-            kwargs=item.kwargs,
-            task_id=item.event_id,
-            number=1,
-            first_attempt_at=self.first_attempt_at,
-            started_at=0.0,
-            context=f" batch={self.batch_id}",
-            delivered_log_level=logging.DEBUG,
-        )
+        attempt = _attempt(item, event, self.batch_id, self.first_attempt_at)
         return relay.settle(self.app, attempt, answer, self._reenqueue)
 
     def _reenqueue(self, attempt: relay.Attempt, _answer: Answer, outcome: Outcome) -> None:

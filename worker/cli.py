@@ -183,7 +183,11 @@ def _change(app: Celery, args: argparse.Namespace) -> int:
 def _store(app: Celery) -> StateStore | None:
     """The app's state store when duplicate suppression is on (``create_app`` made it)."""
     holder = getattr(app, "state_store", None)
-    return holder.get() if holder is not None else None
+    settings = getattr(app, "settings", None)
+    if holder is None or (isinstance(settings, Settings) and not settings.dedup_on):
+        return None
+    store: StateStore = holder.get()
+    return store
 
 
 def _print_skipped(done: deadletter.Replayed, verb: str) -> None:

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 
 from worker import events
@@ -80,11 +80,15 @@ class Producer:
             return self._app
 
     def prepare(self, task: str, **kwargs: Any) -> Prepared:
-        """Validate an event and give it an id; raises ``InvalidEvent`` naming the field."""
+        """Validate an event, give it an id and stamp it with the time it happened (now,
+        unless ``occurred_at`` is given); raises ``InvalidEvent`` naming the field."""
         args = {k: _iso_dates(k, v) for k, v in kwargs.items() if v is not None}
         if args.get("writeback") is False:
             del args["writeback"]
         args.setdefault("event_id", str(uuid.uuid4()))
+        when = args.setdefault("occurred_at", round(time.time() * 1000))
+        if isinstance(when, datetime):  # aware: with its offset; naive: refused, ambiguous
+            args["occurred_at"] = when.isoformat(timespec="milliseconds")
         event = events.from_message(
             task,
             args,
@@ -166,6 +170,7 @@ def track_activity(
     writeback: bool = False,
     service_id: str | None = None,
     event_id: str | int | None = None,
+    occurred_at: datetime | str | int | None = None,
 ) -> str:
     """Enqueue an activity; returns its event id. Raises ``InvalidEvent`` on bad input."""
     return default_producer().track_activity(
@@ -179,6 +184,7 @@ def track_activity(
         writeback=writeback,
         service_id=service_id,
         event_id=event_id,
+        occurred_at=occurred_at,
     )
 
 
@@ -190,6 +196,7 @@ def update_account(
     writeback: bool = False,
     service_id: str | None = None,
     event_id: str | int | None = None,
+    occurred_at: datetime | str | int | None = None,
 ) -> str:
     """Enqueue an account attribute update; returns its event id."""
     return default_producer().update_account(
@@ -199,6 +206,7 @@ def update_account(
         writeback=writeback,
         service_id=service_id,
         event_id=event_id,
+        occurred_at=occurred_at,
     )
 
 
@@ -211,6 +219,7 @@ def update_user(
     writeback: bool = False,
     service_id: str | None = None,
     event_id: str | int | None = None,
+    occurred_at: datetime | str | int | None = None,
 ) -> str:
     """Enqueue a user attribute update; returns its event id."""
     return default_producer().update_user(
@@ -221,6 +230,7 @@ def update_user(
         writeback=writeback,
         service_id=service_id,
         event_id=event_id,
+        occurred_at=occurred_at,
     )
 
 

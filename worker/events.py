@@ -9,10 +9,11 @@ from __future__ import annotations
 import functools
 import math
 import re
+import time
 import unicodedata
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from urllib.parse import quote, unquote
@@ -108,6 +109,9 @@ class Event:
     account_id: str
     user_id: str | None
     params: tuple[tuple[str, str], ...]
+    #: When it happened, in epoch milliseconds (``occurred_at``); never sent to the gateway,
+    #: which takes no time. ``None``: the newest-value rule does not apply to it.
+    occurred_at: int | None = None
 
 
 def track_activity(
@@ -122,10 +126,13 @@ def track_activity(
     writeback: Any = False,
     service_id: Any = None,
     event_id: Any = None,
+    occurred_at: Any = None,
     default_service_id: str | None = None,
 ) -> Event:
     """An activity, optionally with account and user attributes in the same call."""
-    ids = _ids(service_id, default_service_id, account_id, user_id, event_id)
+    ids = _ids(
+        service_id, default_service_id, account_id, user_id, event_id, occurred_at=occurred_at
+    )
     params = [*ids.head, ("sdr_a", _text("activity", activity)), ("sdr_m", _text("module", module))]
     params += _account_name(account_name, account_attributes)
     params += _attributes("sdr_o", "account_attributes", account_attributes)
@@ -141,11 +148,14 @@ def update_account(
     writeback: Any = False,
     service_id: Any = None,
     event_id: Any = None,
+    occurred_at: Any = None,
     default_service_id: str | None = None,
 ) -> Event:
     """Account attributes (``account_name`` alone is one); ``writeback=True`` asks Totango
     to write them to Salesforce."""
-    ids = _ids(service_id, default_service_id, account_id, _NO_USER, event_id)
+    ids = _ids(
+        service_id, default_service_id, account_id, _NO_USER, event_id, occurred_at=occurred_at
+    )
     attrs = _account_name(account_name, attributes) + _attributes("sdr_o", "attributes", attributes)
     if not attrs:
         raise InvalidEvent("attributes", "at least one account attribute is required")
@@ -161,10 +171,13 @@ def update_user(
     writeback: Any = False,
     service_id: Any = None,
     event_id: Any = None,
+    occurred_at: Any = None,
     default_service_id: str | None = None,
 ) -> Event:
     """User attributes, optionally with account attributes in the same call."""
-    ids = _ids(service_id, default_service_id, account_id, user_id, event_id)
+    ids = _ids(
+        service_id, default_service_id, account_id, user_id, event_id, occurred_at=occurred_at
+    )
     user_attrs = _attributes("sdr_u", "attributes", attributes)
     if not user_attrs:
         raise InvalidEvent("attributes", "at least one user attribute is required")
@@ -242,12 +255,19 @@ class _Ids:
     user_id: str | None
     event_id: str | None
     head: tuple[tuple[str, str], ...]
+    occurred_at: int | None
 
     def event(self, task: str, params: list[tuple[str, str]]) -> Event:
         if self.event_id is None:
             raise InvalidEvent("event_id", "is required")
         return Event(
-            task, self.event_id, self.service_id, self.account_id, self.user_id, tuple(params)
+            task,
+            self.event_id,
+            self.service_id,
+            self.account_id,
+            self.user_id,
+            tuple(params),
+            self.occurred_at,
         )
 
 
@@ -256,7 +276,13 @@ _NO_USER: Any = object()
 
 
 def _ids(
-    service_id: Any, default_service_id: str | None, account_id: Any, user_id: Any, event_id: Any
+    service_id: Any,
+    default_service_id: str | None,
+    account_id: Any,
+    user_id: Any,
+    event_id: Any,
+    *,
+    occurred_at: Any = None,
 ) -> _Ids:
     sid = default_service_id if service_id is None else service_id
     if sid is None:
@@ -272,7 +298,63 @@ def _ids(
     eid = None
     if event_id is not None:
         eid = event_id_text(event_id)
-    return _Ids(sid, account, user, eid, tuple(head))
+    return _Ids(sid, account, user, eid, tuple(head), occurred_at_ms(occurred_at))
+
+
+#: ``occurred_at`` as epoch milliseconds: from 2000-01-01 to 2100-01-01 (UTC). A value in
+#: the same range divided by 1000 is epoch *seconds*, the likeliest mistake.
+_EARLIEST_MS = 946_684_800_000
+_LATEST_MS = 4_102_444_800_000
+#: The most ``occurred_at`` may be ahead of this host's clock: a time further ahead (a skewed
+#: clock, a unit mix-up) would make that event's values beat every later one until then.
+MAX_FUTURE_MS = 24 * 3600 * 1000
+OCCURRED_AT_RULE = (
+    "must be the time the event happened: an ISO 8601 date and time with its offset "
+    "(Z for UTC), such as 2026-01-31T09:30:00.250Z, or epoch milliseconds as an integer"
+)
+
+
+def occurred_at_ms(value: Any, *, now_ms: int | None = None) -> int | None:
+    """``occurred_at`` in epoch milliseconds (``None`` when it is absent), or an
+    ``InvalidEvent("occurred_at", ...)`` that says why not."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if _EARLIEST_MS // 1000 <= value < _LATEST_MS // 1000:
+            raise InvalidEvent(
+                "occurred_at", f"{OCCURRED_AT_RULE}; {value} looks like epoch seconds"
+            )
+        if not _EARLIEST_MS <= value < _LATEST_MS:
+            raise InvalidEvent("occurred_at", f"{OCCURRED_AT_RULE}, from 2000 to 2100")
+        ms = value
+    elif isinstance(value, str):
+        ms = _iso_instant_ms(value)
+    else:
+        raise InvalidEvent("occurred_at", f"{OCCURRED_AT_RULE}; got a {type(value).__name__}")
+    clock = round(time.time() * 1000) if now_ms is None else now_ms
+    if ms > clock + MAX_FUTURE_MS:
+        raise InvalidEvent(
+            "occurred_at", "is more than a day ahead of this host's clock: check the producer's"
+        )
+    return ms
+
+
+def _iso_instant_ms(text: str) -> int:
+    """An extended-form ISO 8601 date, time and offset, as epoch milliseconds."""
+    match = _ISO_DATE_RE.fullmatch(text)
+    if match is None or not is_iso8601(text):
+        raise InvalidEvent("occurred_at", OCCURRED_AT_RULE)
+    if match["hour"] is None or not (text.endswith("Z") or match["off_hour"] is not None):
+        raise InvalidEvent(
+            "occurred_at", f"{OCCURRED_AT_RULE}; a time without its offset is ambiguous"
+        )
+    if text[:4] < "2000" or text[:4] >= "2100":
+        raise InvalidEvent("occurred_at", f"{OCCURRED_AT_RULE}, from 2000 to 2100")
+    instant = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return (instant - _EPOCH) // timedelta(milliseconds=1)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def event_id_text(value: Any) -> str:

@@ -45,6 +45,9 @@ class Metrics:
     unexpected_body: Counter
     duplicates_suppressed: Counter
     state_errors: Counter
+    superseded: Counter
+    attributes_superseded: Counter
+    repairs: Counter
 
 
 def _create_metrics() -> Metrics:
@@ -87,6 +90,21 @@ def _create_metrics() -> Metrics:
             "totango_state_errors",
             "Events sent unchecked or left unrecorded: the state store could not be reached",
             ["op"],
+        ),
+        superseded=Counter(
+            "totango_events_superseded",
+            "Attribute updates with every attribute superseded by a newer value: acknowledged "
+            "without a call",
+            ["task"],
+        ),
+        attributes_superseded=Counter(
+            "totango_attributes_superseded",
+            "Attributes left out of a call because a newer value of them was already sent",
+            ["task"],
+        ),
+        repairs=Counter(
+            "totango_attribute_repairs",
+            "Newer attribute values sent again: an older call was in flight when they were claimed",
         ),
     )
 
@@ -158,6 +176,17 @@ def record_duplicate_suppressed(task: str) -> None:
 
 def record_state_error(op: str, events: int) -> None:
     _child("state_errors", op).inc(events)
+
+
+def record_superseded(task: str, attributes: int, *, whole: bool) -> None:
+    """``attributes`` left out of one event's call; ``whole``: nothing was left to send."""
+    _child("attributes_superseded", task).inc(attributes)
+    if whole:
+        _child("superseded", task).inc()
+
+
+def record_repairs(count: int) -> None:
+    metrics().repairs.inc(count)
 
 
 def record_queue_wait(enqueued_at: Any) -> None:

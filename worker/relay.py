@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 
 from worker import metrics
-from worker.contract import FIRST_ATTEMPT_HEADER
-from worker.deadletter import dead_letter
+from worker.contract import ENQUEUED_AT_HEADER, FIRST_ATTEMPT_HEADER, QUEUE
+from worker.deadletter import PUBLISH_RETRY_POLICY, dead_letter
 from worker.envelope import Envelope, iso_at
 from worker.gateway import Answer, Gateways
+from worker.newest import Claim, claims_of, repairs, without
 from worker.outcome import Kind, Outcome, decide
 from worker.process_local import PerProcess
+from worker.retry import is_delivered
 from worker.settings import Settings
 from worker.state import StateStore
 
@@ -48,6 +50,8 @@ RETRYING = "retrying"
 DEAD_LETTERED = "dead_lettered"
 #: A copy of an event already delivered: acknowledged without a call.
 DUPLICATE = "duplicate"
+#: An attribute update whose every attribute has a newer value sent: acknowledged unsent.
+SUPERSEDED = "superseded"
 
 
 @dataclass(frozen=True)
@@ -121,14 +125,55 @@ class RateLimitedWarning:
 unexpected_body_warning = RateLimitedWarning(60.0)
 
 
-def already_delivered(app: TotangoCelery, event_ids: list[str]) -> set[str]:
-    """The ids among these that the gateway already answered 200 for: one round trip to the
-    state store for all of them. Empty when suppression is off or the store cannot be
-    reached (fail open: the events are sent)."""
+@dataclass(frozen=True)
+class Plan:
+    """What is sent for one event that was not delivered before."""
+
+    #: The event as it came.
+    original: Event
+    #: The call to make: the event without its superseded attributes; ``None`` when an
+    #: attribute update has none left.
+    event: Event | None
+    #: The claims the call carries, stored as the newest (checked again after the call).
+    claims: tuple[Claim, ...] = ()
+    #: The gateway parameters left out: a newer value of each was sent.
+    superseded: tuple[str, ...] = ()
+
+
+def check(app: TotangoCelery, batch: list[Event]) -> tuple[set[str], list[Plan]]:
+    """One round trip to the state store for these events: the ids already delivered
+    (acknowledged without a call), and a plan for each of the others. When the store is off
+    or cannot be reached, nothing is known: every event is sent as it came (fail open)."""
+    settings = app.settings
     store = app.state_store
-    if store is None or not event_ids:
-        return set()
-    return store.get().delivered(event_ids) or set()
+    claims = (
+        [(event.event_id, claim) for event in batch for claim in claims_of(event)]
+        if settings.newest_wins_on
+        else []
+    )
+    if store is None or not batch or not (settings.dedup_on or claims):
+        return set(), [Plan(event, event) for event in batch]
+    checked = store.get().check(
+        [event.event_id for event in batch], claims, dedup=settings.dedup_on
+    )
+    if checked is None:
+        return set(), [Plan(event, event) for event in batch]
+    lost: dict[str, list[str]] = {}
+    for position in checked.superseded:
+        event_id, claim = claims[position]
+        lost.setdefault(event_id, []).append(claim.param)
+    kept: dict[str, list[Claim]] = {}
+    for position, (event_id, claim) in enumerate(claims):
+        if position not in checked.superseded:
+            kept.setdefault(event_id, []).append(claim)
+    plans = []
+    for event in batch:
+        if event.event_id in checked.delivered:
+            continue
+        dropped = tuple(lost.get(event.event_id, ()))
+        claimed = tuple(kept.get(event.event_id, ()))
+        plans.append(Plan(event, without(event, dropped), claimed, dropped))
+    return checked.delivered, plans
 
 
 def suppressed(attempt: Attempt) -> str:
@@ -138,12 +183,79 @@ def suppressed(attempt: Attempt) -> str:
     return DUPLICATE
 
 
-def remember_delivered(app: TotangoCelery, event_ids: list[str]) -> None:
-    """Record these ids as delivered (one pipelined round trip), before the message is
-    acknowledged: a copy that comes later is then suppressed."""
+def note_superseded(attempt: Attempt, plan: Plan) -> None:
+    """Count and log the attributes a plan leaves out; when nothing is left to send, the
+    message is acknowledged without a call (``SUPERSEDED``)."""
+    if not plan.superseded:
+        return
+    whole = plan.event is None
+    metrics.record_superseded(attempt.task, len(plan.superseded), whole=whole)
+    log.info(
+        "%s %s attempt=%d attributes=%s: a newer value of each was sent",
+        "superseded" if whole else "attributes superseded",
+        attempt.who,
+        attempt.number,
+        ",".join(plan.superseded),
+    )
+
+
+def finish(app: TotangoCelery, sent: list[tuple[Plan, Answer]]) -> None:
+    """One round trip after the calls, before the message is acknowledged: record the ids
+    delivered (a copy that comes later is suppressed), and send again any newer value that
+    was claimed while one of these calls was in flight (it may have landed after it)."""
     store = app.state_store
-    if store is not None and event_ids:
-        store.get().record(event_ids)
+    if store is None or not sent:
+        return
+    delivered = (
+        [plan.original.event_id for plan, answer in sent if is_delivered(answer.status)]
+        if app.settings.dedup_on
+        else []
+    )
+    # A definite refusal (an HTTP status other than 200) changed nothing at Totango; a 200, a
+    # timeout or a broken connection may have.
+    landed = [
+        (plan, claim)
+        for plan, answer in sent
+        if is_delivered(answer.status) or not answer.status.isdigit()
+        for claim in plan.claims
+    ]
+    if not delivered and not landed:
+        return
+    newer = store.get().finish(delivered, [claim for _, claim in landed])
+    if newer:
+        republish_newer(app, newer, landed)
+
+
+def republish_newer(
+    app: TotangoCelery, newer: list[Claim], landed: list[tuple[Plan, Claim]]
+) -> None:
+    """Each newer value as an update of its own, on the work queue: it is claimed, sent and
+    checked like any other."""
+    after = {(claim.entity, claim.param): plan.original.event_id for plan, claim in landed}
+    by_event: dict[str, list[Claim]] = {}
+    for claim in newer:
+        by_event.setdefault(after[(claim.entity, claim.param)], []).append(claim)
+    for event_id, claims in by_event.items():
+        for repair in repairs(claims, after=event_id):
+            app.send_task(
+                repair.task,
+                kwargs=repair.kwargs,
+                task_id=repair.event_id,
+                queue=QUEUE,
+                headers={ENQUEUED_AT_HEADER: time.time()},
+                retry=True,
+                retry_policy=PUBLISH_RETRY_POLICY,
+            )
+            metrics.record_repairs(len(repair.kwargs["attributes"]))
+            log.info(
+                "newer value sent again event_id=%s account=%s task=%s attributes=%s: the "
+                "older call of event_id=%s was in flight when it was claimed",
+                repair.event_id,
+                repair.kwargs["account_id"],
+                repair.task,
+                ",".join(repair.kwargs["attributes"]),
+                event_id,
+            )
 
 
 def send(app: TotangoCelery, event: Event) -> Answer:

@@ -72,7 +72,7 @@ class Settings:
     log_level: str = "INFO"
     #: Where the embedded (``filesystem://``) broker of ``make demo`` keeps its messages.
     filesystem_dir: str = ".demo/broker"
-    # --- the state store (worker/state.py): duplicate suppression --------------------------
+    # --- the state store (worker/state.py): duplicate suppression, newest value wins -------
     #: A Redis URL; unset: the broker itself when it is Redis, else no store (features off).
     state_url: str | None = None
     #: Record each delivered event id, and acknowledge a copy of a delivered event unsent.
@@ -80,6 +80,8 @@ class Settings:
     #: How long a delivered id is remembered (7 days): the longest path to a redelivery
     #: (``redelivery_span``) plus the window in which a replay of it is still recognised.
     dedup_ttl: float = 7 * 24 * 3600.0
+    #: Per attribute, send nothing older than the newest ``occurred_at`` already sent.
+    newest_wins: bool = True
 
     @property
     def broker_kind(self) -> str:
@@ -160,6 +162,7 @@ class Settings:
             state_url=_state_url(e.get("TOTANGO_STATE_URL") or None),
             dedup=_bool(e, "TOTANGO_DEDUP", d.dedup),
             dedup_ttl=_float(e, "TOTANGO_DEDUP_TTL", d.dedup_ttl, low=1),
+            newest_wins=_bool(e, "TOTANGO_NEWEST_WINS", d.newest_wins),
         )
         settings.check_delays()
         settings.check_dedup_ttl()
@@ -232,6 +235,16 @@ class Settings:
     def dedup_on(self) -> bool:
         """Duplicate suppression runs only with a store to keep the records in."""
         return self.dedup and self.state_store_url is not None
+
+    @property
+    def newest_wins_on(self) -> bool:
+        """The newest-value rule runs only with a store to keep the times in."""
+        return self.newest_wins and self.state_store_url is not None
+
+    @property
+    def state_on(self) -> bool:
+        """Whether any feature of the state store is on."""
+        return self.dedup_on or self.newest_wins_on
 
     @property
     def redelivery_span(self) -> float:

@@ -114,15 +114,21 @@ def use_broker_topology(app: Any, settings: Settings) -> None:
 
 def log_features(settings: Settings) -> None:
     """Say at start which features of the state store are on, and why one is off."""
+    features = {
+        "duplicate suppression": (settings.dedup, "TOTANGO_DEDUP"),
+        "newest value wins": (settings.newest_wins, "TOTANGO_NEWEST_WINS"),
+    }
     url = settings.state_store_url
-    if not settings.dedup:
-        log.info("duplicate suppression off (TOTANGO_DEDUP=false)")
-        return
     if url is None:
         log.info(
-            "duplicate suppression off: no state store (the broker is not Redis; "
-            "set TOTANGO_STATE_URL to a Redis)"
+            "%s off: no state store (the broker is not Redis; set TOTANGO_STATE_URL to a Redis)",
+            ", ".join(features),
         )
+        return
+    off = [f"{name} off ({env}=false)" for name, (on, env) in features.items() if not on]
+    on = [f"{name} on" for name, (flag, _) in features.items() if flag]
+    if not on:
+        log.info("%s", "; ".join(off))
         return
     store = StateStore(url, settings.dedup_ttl)
     try:
@@ -130,10 +136,12 @@ def log_features(settings: Settings) -> None:
     finally:
         store.close()
     log.info(
-        "duplicate suppression on: state store %s (%s), delivered ids kept %gs",
+        "%s: state store %s (%s), records kept %gs%s",
+        ", ".join(on),
         redacted(url),
         reachable,
         settings.dedup_ttl,
+        "".join(f"; {text}" for text in off),
     )
 
 

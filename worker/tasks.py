@@ -2,9 +2,10 @@
 settled (``worker.relay``).
 
 Delivered: recorded in the state store (when it is on), done. Already delivered (another
-copy of it was): acknowledged without a call. Retryable and budget left: Celery's
-``Task.retry`` with the decided delay. Invalid, or out of retries: an envelope on the
-dead-letter queue, then the message is acked.
+copy of it was): acknowledged without a call. Every attribute superseded by a newer value
+(``worker.newest``): acknowledged without a call; some: the rest is sent. Retryable and
+budget left: Celery's ``Task.retry`` with the decided delay. Invalid, or out of retries: an
+envelope on the dead-letter queue, then the message is acked.
 """
 
 from __future__ import annotations
@@ -108,9 +109,15 @@ def relay_event(
         return relay.DEAD_LETTERED
 
     attempt = relay.current_attempt(name, event, kwargs, request)
-    if relay.already_delivered(app, [event.event_id]):
+    delivered, plans = relay.check(app, [event])
+    if delivered:
         return relay.suppressed(attempt)
-    answer = relay.send(app, event)
+    plan = plans[0]
+    relay.note_superseded(attempt, plan)
+    if plan.event is None:
+        return relay.SUPERSEDED
+    answer = relay.send(app, plan.event)
+    relay.finish(app, [(plan, answer)])
 
     def retry(attempt: relay.Attempt, answer: Answer, outcome: Outcome) -> None:
         raise task.retry(
@@ -123,10 +130,7 @@ def relay_event(
             queue=QUEUE,
         )
 
-    settled = relay.settle(app, attempt, answer, retry)
-    if settled == relay.DELIVERED:
-        relay.remember_delivered(app, [event.event_id])
-    return settled
+    return relay.settle(app, attempt, answer, retry)
 
 
 def _over_delivery_limit(app: TotangoCelery, request: Any) -> bool:
