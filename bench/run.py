@@ -700,13 +700,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "folder; '' for none)")  # fmt: skip
     add("--profile", action="store_true",
         help="py-spy --gil on the same-config no-op and on the worker draining the "
-        "single-event backlog, once per broker (its figures are not for the docs)")  # fmt: skip
+        "single-event backlog, without and with the state store, once per broker (its "
+        "figures are not for the docs)")  # fmt: skip
     add("--quick", action="store_true",
         help="for development: 1 round, 1000 events, 3000 batch events, 300 paced; the "
         "options given still win")  # fmt: skip
     args = parser.parse_args(argv)
     if args.profile:
-        args.phases, args.rounds, args.plot = "sameconf,ours", 1, ""
+        args.phases, args.rounds, args.plot = "sameconf,ours,store", 1, ""
         if args.events == parser.get_default("events"):
             args.events = PROFILE_EVENTS
     if args.quick:
@@ -802,7 +803,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         from bench import profile  # noqa: PLC0415  py-spy only when profiling
 
-        for name in (f"{phase}-{kind}" for kind in kinds for phase in ("sameconf", "ours")):
+        profiled = ("sameconf", "ours", "store")
+        for name in (f"{phase}-{kind}" for kind in kinds for phase in profiled):
             print(f"\n{name}: " + profile.summary(out / f"profile-{name}.txt"))
     plot = Path(args.plot) if args.plot else (out / "bench.png" if args.quick else PLOT)
     if args.plot != "":
