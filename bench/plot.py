@@ -43,26 +43,35 @@ def write(results: dict[str, dict[str, Any]], path: Path, *, title: str) -> None
 
 def _split(axis: Any, results: dict[str, dict[str, Any]]) -> None:
     """Per broker, a single event's CPU stacked as the same-config no-op, the bare HTTP call
-    and what is left (the relay's own), next to a batch event's."""
-    labels, floors, https, rests = [], [], [], []
+    and what is left (the relay's own); the same event with the state store on, its cost
+    stacked on top; and a batch event's."""
+    labels: list[str] = []
+    stacks: list[tuple[float, float, float, float]] = []  # Celery, HTTP, relay, store
     for kind, summary in results.items():
         cpu = summary["cpu_ms_per_event"]
-        http = cpu.get("http") or 0
-        for phase, floor in (("ours", cpu.get("sameconf") or 0), ("batch", 0.0)):
-            total = cpu.get(phase)
-            if total is None:
-                continue
-            labels.append(f"{kind}\n{'single' if phase == 'ours' else 'batch'}")
-            floors.append(floor)
-            https.append(http)
-            rests.append(total - floor - http)
-    xs = range(len(labels))
-    axis.bar(xs, floors, label="Celery: no-op, worker's config")
-    axis.bar(xs, https, bottom=floors, label="HTTP: bare urllib3 call")
-    bottoms = [f + h for f, h in zip(floors, https, strict=True)]
-    bars = axis.bar(xs, rests, bottom=bottoms, label="the relay's own")
-    axis.bar_label(bars, labels=[f"{r:+.2f}" for r in rests], fontsize=7)
-    axis.set_xticks(list(xs), labels)
+        http, floor, single = cpu.get("http") or 0, cpu.get("sameconf") or 0, cpu.get("ours")
+        if single is not None:
+            labels.append(f"{kind}\nsingle")
+            stacks.append((floor, http, single - floor - http, 0.0))
+            if cpu.get("store") is not None:
+                labels.append(f"{kind}\n+ store")
+                stacks.append((floor, http, single - floor - http, cpu["store"] - single))
+        if cpu.get("batch") is not None:
+            labels.append(f"{kind}\nbatch")
+            stacks.append((0.0, http, cpu["batch"] - http, 0.0))
+    xs = list(range(len(labels)))
+    names = ("Celery: no-op, worker's config", "HTTP: bare urllib3 call", "the relay's own")
+    bottoms = [0.0] * len(labels)
+    for part, name in enumerate((*names, "the state store")):
+        heights = [stack[part] for stack in stacks]
+        bars = axis.bar(xs, heights, bottom=bottoms, label=name)
+        if part == 2:
+            axis.bar_label(bars, labels=[f"{h:+.2f}" for h in heights], fontsize=7)
+        if part == 3:
+            shown = [f"{h:+.2f}" if h else "" for h in heights]
+            axis.bar_label(bars, labels=shown, fontsize=7)
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    axis.set_xticks(xs, labels, fontsize=7)
     axis.set_ylabel("CPU ms per event")
     axis.set_title("where an event's CPU goes")
     axis.legend(fontsize=7)

@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -247,16 +247,21 @@ class Worker:
             stop_group(proc, 30)
 
 
+class Stoppable(Protocol):
+    def close(self) -> None: ...
+
+
 class Processes:
-    """Everything started in a run, stopped in reverse order on exit."""
+    """Everything started in a run (emulator, workers, the state store's redis-server),
+    stopped in reverse order on exit."""
 
     def __init__(self) -> None:
-        self._items: list[Emulator | Worker] = []
+        self._items: list[Stoppable] = []
 
-    def add(self, item: Emulator | Worker) -> None:
+    def add(self, item: Stoppable) -> None:
         self._items.append(item)
 
-    def discard(self, item: Emulator | Worker) -> None:
+    def discard(self, item: Stoppable) -> None:
         item.close()
         if item in self._items:
             self._items.remove(item)

@@ -74,6 +74,7 @@ TARGETS: tuple[Target, ...] = (
     Target("ours_over_naive", ">=", 2.5, "single events/s / naive relay"),
     Target("rss_mb_per_process", "<=", 200.0, "peak RSS MB per worker process"),
     Target("p99_over_delay_ms", "<=", 15.0, "p99 enqueue to answer - gateway delay, ms"),
+    Target("state_store_cost_share", "<=", 0.10, "state store's added CPU / a single event's"),
 )
 
 
@@ -88,10 +89,25 @@ def _ratio(top: float | None, bottom: float | None, digits: int = 2) -> float | 
     return round(top / bottom, digits)
 
 
+def state_store_cost(
+    with_store: float | None, without: float | None
+) -> tuple[float | None, float | None]:
+    """What the state-store features add to a single event: the CPU ms per event of the
+    phase with them on minus the same phase's with them off, and that as a share of the
+    event's CPU without them (0.08 = 8 %). Negative when the difference is within the noise
+    of the two measurements: the figure is kept as measured, not clipped to 0."""
+    if with_store is None or without is None:
+        return None, None
+    cost = round(with_store - without, 3)
+    share = round(cost / without, 3) if without > 0 else None
+    return cost, share
+
+
 def ratios(results: dict[str, dict[str, Any]], *, delay_ms: float) -> dict[str, float | None]:
     """The ratios of one broker's phases: ``results[phase]`` has ``events_per_s`` and
     ``worker_cpu_ms`` (CPU per completion), ``ours`` also ``p99_ms``, ours and batch
-    ``rss_mb`` (the peak sum over its ``processes`` worker processes, 1 if not given)."""
+    ``rss_mb`` (the peak sum over its ``processes`` worker processes, 1 if not given);
+    ``store`` is ours with the state-store features on."""
     cpu = {phase: _figure(results, phase, "worker_cpu_ms") for phase in results}
     rate = {phase: _figure(results, phase, "events_per_s") for phase in results}
     single, sameconf, http = cpu.get("ours"), cpu.get("sameconf"), cpu.get("http")
@@ -105,6 +121,7 @@ def ratios(results: dict[str, dict[str, Any]], *, delay_ms: float) -> dict[str, 
         if (value := _figure(results, phase, "rss_mb")) is not None
     ]
     p99 = _figure(results, "ours", "p99_ms")
+    store_cost, store_share = state_store_cost(cpu.get("store"), single)
     return {
         "relay_overhead_ms": overhead,
         "single_over_sameconf": over_sameconf,
@@ -113,6 +130,8 @@ def ratios(results: dict[str, dict[str, Any]], *, delay_ms: float) -> dict[str, 
         "ours_over_naive": _ratio(rate.get("ours"), rate.get("naive")),
         "rss_mb_per_process": round(max(rss), 1) if rss else None,
         "p99_over_delay_ms": round(p99 - delay_ms, 1) if p99 is not None else None,
+        "state_store_cost_ms": store_cost,
+        "state_store_cost_share": store_share,
         # Not a target any more; kept to compare with the earlier rounds.
         "ours_over_prefork_noop": _ratio(rate.get("ours"), rate.get("noop")),
     }

@@ -14,6 +14,7 @@ TITLES = {
     "http": "bare HTTP",
     "naive": "naive relay",
     "ours": "ours (single)",
+    "store": "ours + state store",
     "batch": "ours (batch)",
 }
 
@@ -64,6 +65,26 @@ def targets_table(results: dict[str, dict[str, Any]]) -> str:
             cells.append(f"{_cell(value)} {summary['targets'][target.key]}")
         rows.append([target.what, target.label, *cells])
     return _markdown(rows)
+
+
+def state_store_line(values: dict[str, Any]) -> str:
+    """``state store cost: +X ms CPU per event (Y % of the event's CPU)``, from one broker's
+    ratios; ``n/a`` when the store phase or ours has no figure."""
+    cost, share = values.get("state_store_cost_ms"), values.get("state_store_cost_share")
+    if cost is None:
+        return "state store cost: n/a"
+    percent = "-" if share is None else f"{share * 100:.1f}"
+    return f"state store cost: {cost:+.3f} ms CPU per event ({percent} % of the event's CPU)"
+
+
+def state_store_lines(results: dict[str, dict[str, Any]]) -> str:
+    """One state-store line per broker, with the target's verdict."""
+    target = next(t for t in TARGETS if t.key == "state_store_cost_share")
+    bound = f"target <= {target.bound * 100:g} %"
+    return "\n".join(
+        f"{kind}: {summary['state_store']['text']}, {bound}: {summary['targets'][target.key]}"
+        for kind, summary in results.items()
+    )
 
 
 def _cell(value: Any) -> str:

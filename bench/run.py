@@ -16,10 +16,15 @@ and the project's gateway emulator answering after ``--delay-ms`` (50 ms by defa
 5. ours: N events pre-published through the producer API, then the worker as production
    runs it (``celery -A worker.app worker --loglevel=INFO -Q totango`` with
    ``TOTANGO_POOL``/``_CONCURRENCY``/``_PREFETCH_MULTIPLIER`` from ``--config``, and
-   ``RECOMMENDED_CONF`` on top until worker/application.py has it); in the first round, then
+   ``RECOMMENDED_CONF`` on top until worker/application.py has it), with the state-store
+   features off (``TOTANGO_DEDUP=false``, on both brokers); in the first round, then
    ``--latency-events`` more at half the rate it just reached (or ``--latency-rate``) for
    the enqueue-to-answer latency;
-6. batch: a fresh worker as the batch Deployment runs (``-Q totango.batch`` with
+6. store: the same as ours with the state-store features on: ``TOTANGO_STATE_URL`` names a
+   private ``redis-server`` the bench starts on a free port (bench/store.py, emptied before
+   each round, stopped at the end), and every delivered event must be recorded there; its
+   CPU per event minus ours' is the features' cost (bench/ratios.py);
+7. batch: a fresh worker as the batch Deployment runs (``-Q totango.batch`` with
    ``--batch-config``), then, once every process is ready, ``--batch-events`` events in
    batches of 100 (``Producer.send_batch``).
 
@@ -56,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 from bench import load, ratios, report
 from bench.procs import ROOT, BenchError, Emulator, Processes, Worker
+from bench.store import PrivateStore
 from tests.brokers import broker
 from worker.application import create_app
 from worker.client import Producer
@@ -147,6 +153,16 @@ class Run:
     processes: Processes
     deadline: Deadline
     out: Path
+    store: PrivateStore | None = None
+
+    def state_store(self) -> PrivateStore:
+        """The private redis-server of the store phases, started on first use and emptied
+        for each phase; ``Processes`` stops it at the end of the run."""
+        if self.store is None:
+            self.store = PrivateStore(self.out / "state-store", _free_port())
+            self.processes.add(self.store)
+        self.store.flush()
+        return self.store
 
     def log(self, message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -269,23 +285,36 @@ def run_naive(run: Run, kind: str, url: str) -> dict[str, Any]:
 
 
 def run_ours(
-    run: Run, kind: str, url: str, config: Config, *, latency: bool = True
+    run: Run,
+    kind: str,
+    url: str,
+    config: Config,
+    *,
+    latency: bool = True,
+    store: PrivateStore | None = None,
 ) -> dict[str, Any]:
-    n, tag = run.args.events, f"ours{uuid.uuid4().hex[:6]}"
+    """The single-event worker on a pre-published backlog; with ``store``, the state-store
+    features on (that Redis as ``TOTANGO_STATE_URL``), else off."""
+    phase = "ours" if store is None else "store"
+    n, tag = run.args.events, f"{phase}{uuid.uuid4().hex[:6]}"
     emulator = run.emulator
-    envs, ports = _worker_envs(run, url, config, f"ours-{kind}")
+    envs, ports = _worker_envs(run, url, config, f"{phase}-{kind}")
+    if store is not None:
+        envs = [{**env, "TOTANGO_DEDUP": "true", "TOTANGO_STATE_URL": store.url} for env in envs]
     producer = _publish_events(run, url, envs[0], tag)
     emulator.reset()
-    worker = _start_ours(run, envs, config, f"ours-{tag}-{kind}", QUEUE)
+    worker = _start_ours(run, envs, config, f"{phase}-{tag}-{kind}", QUEUE)
     result: dict[str, Any] = {}
-    spy = _spy(run, worker, f"ours-{kind}")
+    spy = _spy(run, worker, f"{phase}-{kind}")
     try:
         load.drained_then_delivered(
-            url, QUEUE, ports, n, timeout=run.deadline.budget("ours"), worker=worker
+            url, QUEUE, ports, n, timeout=run.deadline.budget(phase), worker=worker
         )
         if spy is not None:
             result["profile"] = str(spy.stop())
         calls = load.check_exactly_once(_gateway_calls(run, tag, n, worker), n)
+        if store is not None:
+            result["recorded"] = _check_recorded(store, n)
         times = load.answered_at(calls, emulator.delay_ms)
         result["events_per_s"] = round(load.rate(times), 1)
         emulator.reset()
@@ -302,9 +331,25 @@ def run_ours(
     return result
 
 
+def run_store(run: Run, kind: str, url: str, config: Config) -> dict[str, Any]:
+    """ours with the state-store features on, on the bench's private redis-server."""
+    return run_ours(run, kind, url, config, latency=False, store=run.state_store())
+
+
+def _check_recorded(store: PrivateStore, n: int) -> int:
+    """Every delivered event left its record: the features ran on each event's id (the one
+    the producer API stamped), or the phase measured nothing of them."""
+    recorded = store.recorded()
+    if recorded < n:
+        raise BenchError(f"the state store holds {recorded} delivered ids for {n} events")
+    return recorded
+
+
 def _publish_events(run: Run, url: str, env: dict[str, str], tag: str) -> Producer:
     """The single-event backlog: ``--events`` events through the producer API, all queued
-    on ``totango`` before a worker starts."""
+    on ``totango`` before a worker starts. ``Producer.prepare`` and ``enqueue`` stamp each
+    event as every producer app's are (an event id, also the task id, and the enqueue
+    time), so the worker's per-event work on them, the store's included, is the real one."""
     n = run.args.events
     producer = Producer(app=create_app(Settings.from_env(env)))
     prepared = [producer.prepare(TRACK_ACTIVITY, **load.event_kwargs(tag, i)) for i in range(n)]
@@ -490,6 +535,9 @@ def _worker_envs(
                 "TOTANGO_METRICS_PORT": str(port),
                 "TOTANGO_HEARTBEAT_FILE": str(run.out / f"{name}-{copy}.heartbeat"),
                 "TOTANGO_LOG_LEVEL": config.loglevel,
+                # The state-store features are measured on their own (the store phase): off
+                # here on both brokers, where Redis would otherwise be its own store.
+                "TOTANGO_DEDUP": "false",
                 "BENCH_CONF": json.dumps(config.conf),
             }
         )
@@ -528,7 +576,7 @@ def _phase(run: Run, name: str, results: dict[str, Any], fn: Any, *args: Any) ->
         run.log(f"{name}: {results[name]}")
 
 
-PHASES = ("noop", "sameconf", "http", "naive", "ours", "batch")
+PHASES = ("noop", "sameconf", "http", "naive", "ours", "store", "batch")
 
 
 def bench_broker(run: Run, kind: str, config: Config, batch: Config) -> dict[str, Any]:
@@ -554,6 +602,8 @@ def bench_broker(run: Run, kind: str, config: Config, batch: Config) -> dict[str
                     # Latency is measured once, in the first round: it does not vary by round.
                     fn = run_ours if number == 0 else _ours_only
                     _phase(run, phase, results, fn, kind, url, config)
+                elif phase == "store":
+                    _phase(run, phase, results, run_store, kind, url, config)
                 else:
                     _phase(run, phase, results, run_batch, kind, url, batch)
                 tries[phase].append(results[phase])
@@ -614,6 +664,11 @@ def summarize(results: dict[str, Any], *, delay_ms: float) -> dict[str, Any]:
         "latency_rate": ours.get("latency_rate"),
         "ratios": values,
         "targets": {k: ratios.verdict_text(v) for k, v in ratios.verdicts(values).items()},
+        "state_store": {
+            "cost_ms": values.get("state_store_cost_ms"),
+            "share": values.get("state_store_cost_share"),
+            "text": report.state_store_line(values),
+        },
         "errors": {p: r["error"] for p, r in results.items() if "error" in r},
     }
 
@@ -639,19 +694,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--rounds", type=int, default=2, help="tries of each phase; the best counts (2)")
     add("--as-configured", action="store_true",
         help="run worker.app exactly as configured, without RECOMMENDED_CONF")  # fmt: skip
-    add("--time-limit", type=float, default=720.0, help="seconds for the whole run (720)")
+    add("--time-limit", type=float, default=900.0, help="seconds for the whole run (900)")
     add("--plot", default=None,
         help=f"where to write the PNG plot ({PLOT.relative_to(ROOT)}; quick: the run's "
         "folder; '' for none)")  # fmt: skip
     add("--profile", action="store_true",
         help="py-spy --gil on the same-config no-op and on the worker draining the "
-        "single-event backlog, once per broker (its figures are not for the docs)")  # fmt: skip
+        "single-event backlog, without and with the state store, once per broker (its "
+        "figures are not for the docs)")  # fmt: skip
     add("--quick", action="store_true",
         help="for development: 1 round, 1000 events, 3000 batch events, 300 paced; the "
         "options given still win")  # fmt: skip
     args = parser.parse_args(argv)
     if args.profile:
-        args.phases, args.rounds, args.plot = "sameconf,ours", 1, ""
+        args.phases, args.rounds, args.plot = "sameconf,ours,store", 1, ""
         if args.events == parser.get_default("events"):
             args.events = PROFILE_EVENTS
     if args.quick:
@@ -727,6 +783,8 @@ def main(argv: list[str] | None = None) -> int:
         "noop": "prefork c=2, acks_late",
         "sameconf": f"worker.application.config, {config.label}, -Q totango, a no-op task",
         "http": f"{config.concurrency} threads, one urllib3 keep-alive pool, no queue",
+        "store": "ours with TOTANGO_STATE_URL = a private redis-server (no persistence); "
+        "ours, sameconf and batch run with TOTANGO_DEDUP=false",
         "method": "steady rate and CPU between 10 % and 90 % of the completions",
         "seconds": round(time.monotonic() - started),
         "results": results,
@@ -740,10 +798,13 @@ def main(argv: list[str] | None = None) -> int:
     print(report.cpu_table(results))
     print()
     print(report.targets_table(results))
+    print()
+    print(report.state_store_lines(results))
     if args.profile:
         from bench import profile  # noqa: PLC0415  py-spy only when profiling
 
-        for name in (f"{phase}-{kind}" for kind in kinds for phase in ("sameconf", "ours")):
+        profiled = ("sameconf", "ours", "store")
+        for name in (f"{phase}-{kind}" for kind in kinds for phase in profiled):
             print(f"\n{name}: " + profile.summary(out / f"profile-{name}.txt"))
     plot = Path(args.plot) if args.plot else (out / "bench.png" if args.quick else PLOT)
     if args.plot != "":

@@ -11,10 +11,12 @@ from bench.ratios import (
     TARGETS,
     latency_rate,
     ratios,
+    state_store_cost,
     steady_window,
     verdict_text,
     verdicts,
 )
+from bench.report import state_store_line, state_store_lines
 
 #: One broker's phases as bench/run.py records them.
 FIGURES = {
@@ -23,6 +25,7 @@ FIGURES = {
     "http": {"events_per_s": 2100.0, "worker_cpu_ms": 0.45},
     "naive": {"events_per_s": 500.0, "worker_cpu_ms": 1.5},
     "ours": {"events_per_s": 650.0, "worker_cpu_ms": 1.30, "p99_ms": 58.0, "rss_mb": 70.0},
+    "store": {"events_per_s": 610.0, "worker_cpu_ms": 1.43},
     "batch": {"events_per_s": 1500.0, "worker_cpu_ms": 0.70, "rss_mb": 80.0},
 }
 
@@ -105,3 +108,37 @@ def test_latency_is_paced_at_half_the_measured_rate() -> None:
     assert latency_rate(650.0, 200.0) == 325.0
     assert latency_rate(None, 200.0) == 200.0
     assert latency_rate(math.inf, 200.0) == 200.0
+
+
+def test_state_store_cost_is_the_store_phase_minus_ours_as_a_share_of_ours() -> None:
+    """1.43 - 1.30 = +0.13 ms per event with the features on, 10 % of the event's 1.30 ms
+    without them: exactly at the target's bound, which passes."""
+    values = ratios(FIGURES, delay_ms=50)
+    assert values["state_store_cost_ms"] == pytest.approx(0.13)
+    assert values["state_store_cost_share"] == pytest.approx(0.1)
+    assert verdicts(values)["state_store_cost_share"] is True
+    figures = {**FIGURES, "store": {"worker_cpu_ms": 1.45}}
+    assert ratios(figures, delay_ms=50)["state_store_cost_share"] == pytest.approx(0.115)
+    assert verdicts(ratios(figures, delay_ms=50))["state_store_cost_share"] is False
+
+
+def test_state_store_cost_keeps_a_negative_difference_and_needs_both_phases() -> None:
+    """A store phase cheaper than ours (noise between the two) is reported as measured,
+    not as 0; without either phase, or with ours at 0 ms, there is no share."""
+    assert state_store_cost(1.25, 1.30) == (pytest.approx(-0.05), pytest.approx(-0.038))
+    assert state_store_cost(None, 1.30) == (None, None)
+    assert state_store_cost(1.30, None) == (None, None)
+    assert state_store_cost(0.1, 0.0) == (0.1, None)
+    figures = {k: v for k, v in FIGURES.items() if k != "store"}
+    assert verdicts(ratios(figures, delay_ms=50))["state_store_cost_share"] is None
+
+
+def test_state_store_line_states_ms_and_percent() -> None:
+    """The line the bench prints, per broker with the target's verdict, and n/a without a
+    figure."""
+    values = ratios(FIGURES, delay_ms=50)
+    line = state_store_line(values)
+    assert line == "state store cost: +0.130 ms CPU per event (10.0 % of the event's CPU)"
+    assert state_store_line({}) == "state store cost: n/a"
+    summary = {"state_store": {"text": line}, "targets": {"state_store_cost_share": "PASS"}}
+    assert state_store_lines({"redis": summary}) == f"redis: {line}, target <= 10 %: PASS"

@@ -1025,3 +1025,172 @@ def test_rabbitmq_overlay_runs_a_three_node_cluster_the_workers_and_keda_point_a
     assert {"parameter": "host", "name": "totango-worker-secrets", "key": "broker-url"} in auth[
         "spec"
     ]["secretTargetRef"]
+
+
+# --- the state store ----------------------------------------------------------------------
+
+#: The rabbitmq overlay's own Redis for duplicate suppression (worker/state.py).
+STATE_STORE = "totango-state"
+
+
+def redis_options(args: list[str]) -> dict[str, str]:
+    """A `redis-server --name value ...` command line's options."""
+    assert args[0] == "redis-server"
+    words = args[1:]
+    assert len(words) % 2 == 0, "every option has its value"
+    assert all(word.startswith("--") for word in words[::2]), words
+    pairs = zip(words[::2], words[1::2], strict=True)
+    return {name.removeprefix("--"): value for name, value in pairs}
+
+
+def memory_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (`2Gi`, `512Mi`) or a Redis one (`1536mb`) in bytes."""
+    units = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|kb|mb|gb)", quantity)
+    assert match, quantity
+    return int(match.group(1)) * units[match.group(2)]
+
+
+def test_rabbitmq_overlay_points_both_workers_at_its_own_state_store() -> None:
+    """On RabbitMQ the broker cannot hold the records, so the overlay deploys a Redis of its
+    own: both worker Deployments' TOTANGO_STATE_URL (base ConfigMap + the overlay's patch +
+    their env) names the Service `totango-state` and its port, that Service selects the
+    store's pods and reaches their Redis port, and the worker's own settings read the
+    pods' environment with duplicate suppression on and that URL as the store."""
+    from worker.settings import Settings  # noqa: PLC0415  only these tests need the package
+
+    under = OPS / "overlays" / "rabbitmq"
+    (secret,) = load_all(EXAMPLE_SECRET)
+    service = one("Service", STATE_STORE, under)
+    store = one("Deployment", STATE_STORE, under)
+    (port,) = service["spec"]["ports"]
+    assert selects(service["spec"]["selector"], pod_labels(store))
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    ports = {p["name"]: p["containerPort"] for p in container(store)["ports"]}
+    assert ports[port["targetPort"]] == port["port"]
+    assert redis_options(container(store)["args"])["port"] == str(port["port"])
+    for deployment in worker_deployments():
+        name = deployment["metadata"]["name"]
+        env = pod_env(deployment, "rabbitmq")
+        url = env["TOTANGO_STATE_URL"]
+        assert url == f"redis://{STATE_STORE}:{port['port']}/0", name
+        settings = Settings.from_env(
+            {**env, "TOTANGO_BROKER_URL": secret["stringData"]["broker-url"]}
+        )
+        assert settings.broker_kind == "rabbitmq"
+        assert settings.dedup_on, name
+        assert settings.state_store_url == url
+        assert "TOTANGO_STATE_URL" not in literal_env(deployment), "one place: the overlay"
+    assert "TOTANGO_STATE_URL" not in config_map(), "the base is for both brokers"
+
+
+def test_redis_overlay_keeps_the_state_store_on_the_broker() -> None:
+    """The Redis overlay deploys no store and sets no TOTANGO_STATE_URL: the worker then
+    keeps its records on the broker itself, with suppression on."""
+    from worker.settings import Settings  # noqa: PLC0415  only these tests need the package
+
+    under = OPS / "overlays" / "redis"
+    assert not find("Deployment", STATE_STORE, under)
+    broker_url = "redis://:secret@redis-master:6379/0"
+    for deployment in worker_deployments():
+        env = pod_env(deployment, "redis")
+        assert "TOTANGO_STATE_URL" not in env
+        settings = Settings.from_env({**env, "TOTANGO_BROKER_URL": broker_url})
+        assert settings.dedup_on
+        assert settings.state_store_url == broker_url
+
+
+def test_state_store_is_a_locked_down_redis_without_persistence() -> None:
+    """The store is one replica (Recreate: never two stores splitting the records) of a
+    pinned Redis image with no persistence at all (no snapshot, no append-only file, only
+    an emptyDir), a memory cap below the container's limit with eviction of the records
+    nearest their expiry (an evicted record costs a possible duplicate; noeviction would
+    make every later record fail), requests and limits, cheap `redis-cli ping` probes and
+    the pod lockdown the other manifests have; the header says why it keeps nothing."""
+    under = OPS / "overlays" / "rabbitmq"
+    store = one("Deployment", STATE_STORE, under)
+    spec = store["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"]["type"] == "Recreate"
+    pod = spec["template"]["spec"]
+    ctr = container(store)
+    assert re.fullmatch(r"redis:\d+\.\d+(\.\d+)?-alpine", ctr["image"])
+    assert ctr["image"] == compose()["services"]["redis"]["image"], "one Redis version"
+    options = redis_options(ctr["args"])
+    assert options["save"] == ""
+    assert options["appendonly"] == "no"
+    assert options["maxmemory-policy"] == "volatile-ttl"
+    limits = ctr["resources"]["limits"]
+    assert memory_bytes(options["maxmemory"]) < memory_bytes(limits["memory"])
+    assert ctr["resources"]["requests"]["memory"] == limits["memory"], "no eviction by the node"
+    assert set(ctr["resources"]["requests"]) == set(limits) == {"cpu", "memory"}
+    assert all("emptyDir" in volume for volume in pod["volumes"])
+    assert {m["mountPath"] for m in ctr["volumeMounts"]} == {options["dir"]}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert ctr[probe]["exec"]["command"] == ["redis-cli", "ping"]
+        assert ctr[probe]["timeoutSeconds"] >= 2
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["enableServiceLinks"] is False
+    security = ctr["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    header = (under / "state-store-deployment.yaml").read_text(encoding="utf-8")
+    assert "No persistence, on purpose" in header
+    assert "fails open" in header
+
+
+def test_only_the_worker_pods_may_reach_the_state_store() -> None:
+    """The store has no password, so a NetworkPolicy admits to its Redis port only the pods
+    of the two worker Deployments (the dead-letter tools run in them), not Flower's."""
+    under = OPS / "overlays" / "rabbitmq"
+    store = one("Deployment", STATE_STORE, under)
+    policy = one("NetworkPolicy", STATE_STORE, under)
+    spec = policy["spec"]
+    assert selects(spec["podSelector"]["matchLabels"], pod_labels(store))
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}, "pods of this namespace only"
+
+    def admitted(labels: dict[str, str]) -> bool:
+        selector = peer["podSelector"]
+        if not selects(selector.get("matchLabels", {}), labels):
+            return False
+        for expression in selector.get("matchExpressions", []):
+            assert expression["operator"] == "In"
+            if labels.get(expression["key"]) not in expression["values"]:
+                return False
+        return True
+
+    assert all(admitted(pod_labels(d)) for d in worker_deployments())
+    assert not admitted(pod_labels(flower_deployment()))
+    assert not admitted(pod_labels(store))
+    (port,) = rule["ports"]
+    assert port["port"] in {p["name"] for p in container(store)["ports"]}
+
+
+def test_compose_gives_the_worker_a_state_store_on_rabbitmq() -> None:
+    """In compose the worker's (and the dead-letter tools') TOTANGO_STATE_URL defaults to a
+    database of the compose Redis, other than the one a Redis broker would use, and both
+    start only once that Redis is healthy; on the default RabbitMQ broker the worker's own
+    settings have suppression on with that store."""
+    from worker.settings import Settings  # noqa: PLC0415  only these tests need the package
+
+    services = compose()["services"]
+    for name in ("worker", "dead-letters"):
+        env = services[name]["environment"]
+        url = compose_default(env["TOTANGO_STATE_URL"])
+        parts = re.fullmatch(r"redis://([\w-]+):(\d+)/(\d+)", url)
+        assert parts, url
+        host, _, db = parts.groups()
+        assert services[host]["image"].startswith("redis:")
+        assert services[name]["depends_on"][host]["condition"] == "service_healthy", name
+        assert db != "0", "database 0 is the Redis broker's (README's compose command)"
+        settings = Settings.from_env({k: compose_default(str(v)) for k, v in env.items()})
+        assert settings.broker_kind == "rabbitmq"
+        assert settings.dedup_on
+        assert settings.state_store_url == url
