@@ -300,7 +300,15 @@ def run_ours(
     emulator = run.emulator
     envs, ports = _worker_envs(run, url, config, f"{phase}-{kind}")
     if store is not None:
-        envs = [{**env, "TOTANGO_DEDUP": "true", "TOTANGO_STATE_URL": store.url} for env in envs]
+        envs = [
+            {
+                **env,
+                "TOTANGO_DEDUP": "true",
+                "TOTANGO_NEWEST_WINS": "true",
+                "TOTANGO_STATE_URL": store.url,
+            }
+            for env in envs
+        ]
     producer = _publish_events(run, url, envs[0], tag)
     emulator.reset()
     worker = _start_ours(run, envs, config, f"{phase}-{tag}-{kind}", QUEUE)
@@ -538,6 +546,7 @@ def _worker_envs(
                 # The state-store features are measured on their own (the store phase): off
                 # here on both brokers, where Redis would otherwise be its own store.
                 "TOTANGO_DEDUP": "false",
+                "TOTANGO_NEWEST_WINS": "false",
                 "BENCH_CONF": json.dumps(config.conf),
             }
         )

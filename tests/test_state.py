@@ -5,6 +5,7 @@ store's fail-open behaviour, and a replay that skips what was delivered."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -19,7 +20,7 @@ from worker.deadletter import browse, pause_before, publish, replay
 from worker.envelope import HOSTNAME, Envelope
 from worker.errors import ConfigError
 from worker.settings import Settings
-from worker.state import KEY_PREFIX, StateStore, delivered_key, redacted
+from worker.state import KEY_PREFIX, Pipeliner, StateStore, delivered_key, redacted
 
 REDIS = "redis://127.0.0.1:6379/3"
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
@@ -290,3 +291,51 @@ def test_a_throttled_replay_waits_for_its_schedule(
 ) -> None:
     """--rate N: the k-th republish is due k/N seconds after the start, never earlier."""
     assert pause_before(100.0, published, rate, 100.0 + elapsed) == pytest.approx(pause)
+
+
+def test_many_threads_share_one_pipeline_and_each_gets_its_own_answers(store_url: str) -> None:
+    """64 threads record and check ids of their own at once through one store: the
+    pipeliner sends their commands together, and every thread reads back exactly its own
+    ids (nobody else's answers, none lost)."""
+    store = StateStore(store_url, ttl=600)
+    errors: list[str] = []
+
+    def work(n: int) -> None:
+        mine = [f"t{n}-{i}" for i in range(20)]
+        for i, event_id in enumerate(mine):
+            if not store.record([event_id]):
+                errors.append(f"{event_id} not recorded")
+            if store.delivered([*mine[: i + 1], f"never-{n}"]) != set(mine[: i + 1]):
+                errors.append(f"{event_id}: wrong answer")
+
+    client = redis.Redis.from_url(store_url)
+    try:
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(64)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+        assert len(client.keys(f"{KEY_PREFIX}*")) == 64 * 20
+    finally:
+        client.close()
+        store.close()
+
+
+def test_one_callers_bad_command_fails_only_that_caller(store_url: str) -> None:
+    """A request whose commands cannot be queued gets its own error; the others in the
+    same round trip get their answers."""
+    store = StateStore(store_url, ttl=600)
+    pipeliner = Pipeliner(redis.Redis.from_url(store_url))
+
+    def broken(_pipe: object) -> None:
+        raise ValueError("not a command")
+
+    try:
+        with pytest.raises(ValueError, match="not a command"):
+            pipeliner.run(broken)
+        assert pipeliner.run(lambda pipe: pipe.set("k", "v")) == [True]
+        assert pipeliner.run(lambda pipe: (pipe.get("k"), pipe.get("missing"))) == [b"v", None]
+    finally:
+        pipeliner.close()
+        store.close()

@@ -12,10 +12,12 @@ at most once per ``LOG_EVERY`` seconds; after one, the process leaves the store 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis
@@ -131,8 +133,115 @@ def redacted(url: str) -> str:
     return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
 
 
+#: The longest a caller waits for its commands' answer: the flusher's own socket timeout
+#: bounds a round trip, this bounds a wait behind a slow one.
+WAIT_TIMEOUT = 4 * SOCKET_TIMEOUT
+
+Queueing = Callable[["redis.client.Pipeline"], object]
+
+
+class _Request:
+    __slots__ = ("done", "error", "queue", "results")
+
+    def __init__(self, queue: Queueing) -> None:
+        self.queue = queue
+        self.done = threading.Event()
+        self.results: list[Any] = []
+        self.error: Exception | None = None
+
+
+class Pipeliner:
+    """Every thread's store commands, sent together: one flusher thread takes all the
+    requests queued since its last round trip and sends them in one pipeline (no MULTI),
+    over one connection; each caller waits for its own answers. 128 pool threads each
+    making their own round trip cost 3 to 4 times the CPU per event (lock hand-offs, a
+    system call each way per event, a connection each) of the same commands sent together
+    (measured on the 2-core test machine)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def run(self, queue_commands: Queueing) -> list[Any]:
+        """Queue the commands that ``queue_commands`` adds to a pipeline, and return their
+        answers once they came back; raises ``redis.RedisError`` if they did not."""
+        request = _Request(queue_commands)
+        self._start()
+        self._requests.put(request)
+        if not request.done.wait(WAIT_TIMEOUT):
+            raise redis.TimeoutError(f"no answer from the state store in {WAIT_TIMEOUT:g}s")
+        if request.error is not None:
+            raise request.error
+        return request.results
+
+    def close(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                self._requests.put(None)
+                self._thread = None
+
+    def _start(self) -> None:
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._flush_forever, name="totango-state", daemon=True
+                )
+                self._thread.start()
+
+    def _flush_forever(self) -> None:
+        while True:
+            first = self._requests.get()
+            if first is None:
+                return
+            batch = [first]
+            while True:
+                try:
+                    more = self._requests.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._flush(batch)
+                    return
+                batch.append(more)
+            self._flush(batch)
+
+    def _flush(self, batch: list[_Request]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        spans = []
+        queued: list[_Request] = []
+        for request in batch:
+            before = len(pipe.command_stack)
+            try:
+                request.queue(pipe)
+            except Exception as exc:  # noqa: BLE001  the caller's own mistake, its own error
+                request.error = exc
+                request.done.set()
+                continue
+            spans.append((before, len(pipe.command_stack)))
+            queued.append(request)
+        try:
+            answers = pipe.execute(raise_on_error=False) if queued else []
+        except Exception as exc:  # noqa: BLE001  every caller of this round trip fails open
+            for request in queued:
+                request.error = exc
+                request.done.set()
+            return
+        for request, (start, end) in zip(queued, spans, strict=True):
+            results = answers[start:end]
+            failed = next((r for r in results if isinstance(r, Exception)), None)
+            if failed is not None:
+                request.error = failed
+            request.results = results
+            request.done.set()
+
+
 class StateStore:
-    """One Redis client (a thread-safe pool) for this process's records of delivered ids."""
+    """This process's client of the state store: one connection, its commands pipelined
+    across threads (``Pipeliner``)."""
 
     def __init__(self, url: str, ttl: float) -> None:
         self.url = url
@@ -145,6 +254,7 @@ class StateStore:
         )
         self._check = self._client.register_script(CHECK_SCRIPT)
         self._finish = self._client.register_script(FINISH_SCRIPT)
+        self._pipeliner = Pipeliner(self._client)
         self._lock = threading.Lock()
         self._skip_until = 0.0
         self._errors_since_log = 0
@@ -167,18 +277,18 @@ class StateStore:
         if self._skipping():
             metrics.record_state_error("check", len(event_ids))
             return None
-        found: set[str] = set()
+        keys = [delivered_key(e) for e in event_ids]
         try:
-            if len(event_ids) == 1:  # a single event: GET costs less than MGET
-                return set(event_ids) if self._client.get(delivered_key(event_ids[0])) else set()
-            for start in range(0, len(event_ids), CHUNK):
-                chunk = event_ids[start : start + CHUNK]
-                values = self._client.mget([delivered_key(e) for e in chunk])  # one round trip
-                found.update(e for e, v in zip(chunk, values, strict=True) if v is not None)
+            values = self._pipeliner.run(
+                lambda pipe: [
+                    pipe.mget(keys[start : start + CHUNK]) for start in range(0, len(keys), CHUNK)
+                ]
+            )
         except redis.RedisError as exc:
             self._failed("check", len(event_ids), exc)
             return None
-        return found
+        flat = [value for chunk in values for value in chunk]
+        return {e for e, v in zip(event_ids, flat, strict=True) if v is not None}
 
     def record(self, event_ids: Sequence[str]) -> bool:
         """Remember these ids as delivered, for ``ttl`` seconds; ``False`` if the store
@@ -190,14 +300,9 @@ class StateStore:
             return False
         stamp = f"{time.time():.3f}"
         try:
-            if len(event_ids) == 1:  # a single event: no pipeline object to build
-                self._client.set(delivered_key(event_ids[0]), stamp, ex=self.ttl)
-                return True
-            for start in range(0, len(event_ids), CHUNK):
-                pipe = self._client.pipeline(transaction=False)  # one round trip, no MULTI
-                for event_id in event_ids[start : start + CHUNK]:
-                    pipe.set(delivered_key(event_id), stamp, ex=self.ttl)
-                pipe.execute()
+            self._pipeliner.run(
+                lambda pipe: [pipe.set(delivered_key(e), stamp, ex=self.ttl) for e in event_ids]
+            )
         except redis.RedisError as exc:
             self._failed("record", len(event_ids), exc)
             return False
@@ -225,7 +330,9 @@ class StateStore:
             argv += [position.get(event_id, 0), slot, claim.param, claim.at, claim.value]
         keys = [delivered_key(e) for e in checked] + [newest_key(e) for e in hashes]
         try:
-            flags, superseded = self._check(keys=keys, args=argv)
+            ((flags, superseded),) = self._pipeliner.run(
+                lambda pipe: self._check(keys=keys, args=argv, client=pipe)
+            )
         except redis.RedisError as exc:
             self._failed("check", len(event_ids), exc)
             return None
@@ -248,7 +355,9 @@ class StateStore:
             argv += [slot, claim.param, claim.at, claim.value]
         keys = [delivered_key(e) for e in delivered] + [newest_key(e) for e in hashes]
         try:
-            flat = self._finish(keys=keys, args=argv)
+            (flat,) = self._pipeliner.run(
+                lambda pipe: self._finish(keys=keys, args=argv, client=pipe)
+            )
         except redis.RedisError as exc:
             self._failed("record", len(delivered) or 1, exc)
             return None
@@ -266,6 +375,7 @@ class StateStore:
             return False
 
     def close(self) -> None:
+        self._pipeliner.close()
         self._client.close()
 
     def _skipping(self) -> bool:
