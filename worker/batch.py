@@ -117,7 +117,9 @@ def relay_batch(
 
     delivered_before, planned, superseded = _plan(app, valid, batch_id, first_attempt_at)
     valid = [(item, plan.event) for item, plan in planned if plan.event is not None]
-    sending = _Sending(app, valid)
+    sending = _Sending(
+        app, [(plan, event) for (_, plan), (_, event) in zip(planned, valid, strict=True)]
+    )
     # Dead letters are published while the valid events are in flight.
     for item, problem in invalid:
         excerpt = f"{problem} (batch {batch_id}, index {item.index})"
@@ -137,16 +139,6 @@ def relay_batch(
     if superseded:
         counts[relay.SUPERSEDED] = superseded
     answers = sending.answers()
-    # One round trip for the batch, before the ack: the delivered ids recorded, newer values
-    # claimed meanwhile sent again.
-    relay.finish(
-        app,
-        [
-            (plan, answer)
-            for (_, plan), answer in zip(planned, answers, strict=True)
-            if isinstance(answer, Answer)
-        ],
-    )
     settle = _Settle(app, batch_id, first_attempt_at)
     for (item, event), answer in zip(valid, answers, strict=True):
         counts[settle(item, event, answer)] += 1
@@ -223,28 +215,39 @@ def new_executor(settings: Settings) -> ThreadPoolExecutor:
 
 class _Sending:
     """A batch's events in flight: a few senders on the process's executor, each taking
-    the next unsent event until none is left (``senders_for``)."""
+    the next unsent event until none is left (``senders_for``). Each event is finished in
+    the state store as its answer comes (``relay.finish``: its id recorded after a 200, its
+    claims checked), so that a batch cut short by a crash sends again only the calls that
+    were in flight, not every event it had delivered. The requests of all senders share
+    the store's pipeline."""
 
-    def __init__(self, app: TotangoCelery, valid: list[tuple[Item, events.Event]]) -> None:
+    def __init__(self, app: TotangoCelery, plans: list[tuple[relay.Plan, events.Event]]) -> None:
         self._app = app
-        self._events = [event for _, event in valid]
-        self._results: list[Answer | Exception | None] = [None] * len(self._events)
+        self._plans = plans
+        self._results: list[Answer | Exception | None] = [None] * len(plans)
         # deque.popleft is atomic (thread-safe): each index goes to exactly one sender.
-        self._todo = deque(range(len(self._events)))
-        senders = senders_for(len(self._events), app.settings) if self._events else 0
+        self._todo = deque(range(len(plans)))
+        senders = senders_for(len(plans), app.settings) if plans else 0
         executor = app.batch_executor.get()
         self._senders = [executor.submit(self._run) for _ in range(senders)]
 
     def _run(self) -> None:
-        for _ in range(len(self._events)):  # bounded: at most every event, by one sender
+        for _ in range(len(self._plans)):  # bounded: at most every event, by one sender
             try:
                 index = self._todo.popleft()
             except IndexError:
                 return
+            plan, event = self._plans[index]
             try:
-                self._results[index] = relay.send(self._app, self._events[index])
+                answer = relay.send(self._app, event)
             except Exception as exc:  # noqa: BLE001  one event's bug is that event's outcome
                 self._results[index] = exc
+                continue
+            self._results[index] = answer
+            try:
+                relay.finish(self._app, [(plan, answer)])
+            except Exception:  # the answer stands; a repair not published is logged
+                log.exception("finishing event_id=%s in the state store", event.event_id)
 
     def answers(self) -> list[Answer | Exception]:
         """Every event's answer (or the exception its call raised), in batch order."""

@@ -85,10 +85,10 @@ def test_kill_9_with_the_state_store_on(run: Run, store: PrivateRedis) -> None:
 
 
 def test_kill_9_of_the_batch_worker_with_the_state_store_on(run: Run, store: PrivateRedis) -> None:
-    """The batch worker killed three times mid-send, with suppression on. A batch records
-    its delivered ids in one pipeline after all its answers, so the events of a batch cut
-    short by a kill are unrecorded and sent again; every batch that finished is not. The
-    bound stays kills x slots x batch size; the row shows how far below it this lands."""
+    """The batch worker killed three times mid-send, with suppression on. Each event of a
+    batch is recorded as its 200 arrives, so a batch cut short by a kill sends again only
+    the calls that were in flight at it. The bound stays kills x slots x batch size (what
+    at-least-once allows); the row shows how far below it this lands."""
     row = kill_batch_worker(
         run, "1 crash: kill -9 of the batch worker, state store on", TOTANGO_STATE_URL=store.url
     )
