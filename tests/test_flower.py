@@ -136,7 +136,7 @@ def test_flower_shows_the_worker_and_its_relayed_tasks_behind_basic_auth(
     (``totango`` and ``totango.batch``, as it runs without ``-Q``) and registered tasks; it
     lists the relayed ``totango.*`` tasks by name, SUCCESS in the end,
     the one answered 503 with its retry recorded (and, on RabbitMQ, shown as RETRY while the
-    delayed retry waits; on Redis the retry message returns to the worker at once and its
+    delayed retry waits, 5 s; on Redis the retry message returns to the worker at once and its
     task-received event may land after task-retried, so RECEIVED may show instead). The API
     answers 401 without credentials or with a wrong password; read-only mode refuses with 403
     a pool change and a task sent through Flower; /healthcheck and /metrics answer without
@@ -168,7 +168,9 @@ def test_flower_shows_the_worker_and_its_relayed_tasks_behind_basic_auth(
         assert {TRACK_ACTIVITY, UPDATE_ACCOUNT} <= set(inspected["registered"])
 
         producer = Producer(app=app_for(env))
-        gateway.add_rule({"sdr_o": "acct-retry"}, [503], retry_after="2")
+        # The RETRY state is seen by polling Flower; 5 s (the suite's Retry-After cap) keeps
+        # it there for several polls even when a poll takes a second or more under load.
+        gateway.add_rule({"sdr_o": "acct-retry"}, [503], retry_after="5")
         retried = producer.track_activity(
             account_id="acct-retry", user_id="u1", activity="Login", module="App"
         )
