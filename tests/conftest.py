@@ -100,6 +100,8 @@ def app_for() -> Iterator[Callable[[dict[str, str]], TotangoCelery]]:
 
     yield make
     for app in apps:
+        if app.state_store is not None:
+            app.state_store.get().close()
         app.close()
 
 
@@ -158,32 +160,16 @@ def store_url() -> Iterator[str]:
 
 @pytest.fixture
 def make_app(
-    tmp_path: Path, gateway: GatewayEmulator, store_url: str
-) -> Iterator[Callable[..., TotangoCelery]]:
+    embedded_app: Callable[..., TotangoCelery], store_url: str
+) -> Callable[..., TotangoCelery]:
     """An app on the embedded broker whose state store is the test's Redis database."""
-    apps: list[TotangoCelery] = []
 
     def make(**extra: str) -> TotangoCelery:
-        folder = tmp_path / f"broker-{len(apps)}"
-        (folder / "control").mkdir(parents=True)
-        env = {
-            "TOTANGO_BROKER_URL": "filesystem://",
-            "TOTANGO_FILESYSTEM_DIR": str(folder),
-            "TOTANGO_GATEWAY_URL": f"{gateway.url}/pixel.gif",
-            "TOTANGO_SERVICE_ID": "SP-1234-56",
+        settings = {
             "TOTANGO_MAX_RETRIES": "2",
-            "TOTANGO_RETRY_BACKOFF_BASE": "1",
             "TOTANGO_RETRY_BACKOFF_MAX": "2",
-            "TOTANGO_METRICS_PORT": "0",
             "TOTANGO_STATE_URL": store_url,
-            **extra,
         }
-        app = create_app(Settings.from_env(env))
-        apps.append(app)
-        return app
+        return embedded_app(**{**settings, **extra})
 
-    yield make
-    for app in apps:
-        if app.state_store is not None:
-            app.state_store.get().close()
-        app.close()
+    return make

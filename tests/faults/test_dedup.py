@@ -14,8 +14,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -41,18 +39,6 @@ from worker.client import Producer
 from worker.deadletter import browse, publish
 
 pytestmark = pytest.mark.faults
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[PrivateRedis]:
-    """The state store: a redis-server of the test's own on a free port, never the
-    machine's Redis."""
-    server = PrivateRedis(tmp_path / "state-store", persistent=False)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def suppressed_in_logs(run: Run) -> int:

@@ -12,8 +12,6 @@ the test's own: what Totango ends with is read from the emulator (``attributes()
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -21,23 +19,13 @@ from tests.faults.accounting import Row
 from tests.faults.harness import Run
 from tests.faults.processes import PrivateRedis, Worker
 from tests.workers import wait_until
+from worker.application import TotangoCelery
 from worker.client import Producer
 from worker.deadletter import browse
 
 pytestmark = pytest.mark.faults
 
 WAIT = 60.0
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[PrivateRedis]:
-    """The state store: a redis-server of the test's own, never the machine's Redis."""
-    server = PrivateRedis(tmp_path / "state-store", persistent=False)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def workers(run: Run, store: PrivateRedis, count: int) -> list[Worker]:
@@ -70,6 +58,23 @@ def values(run: Run, account: str) -> list[tuple[str, int]]:
     ]
 
 
+def record(run: Run, app: TotangoCelery, scenario: str, delivered: int, note: str) -> Row:
+    """The row of one stale-update scenario: two updates sent, none lost or repeated."""
+    return run.record(
+        Row(
+            scenario,
+            run.kind,
+            sent=2,
+            delivered=delivered,
+            duplicates=0,
+            dead_lettered=len(browse(app, timeout=0)),
+            lost=0,
+            duplicate_bound=0,
+            note=note,
+        )
+    )
+
+
 def test_a_retried_older_update_after_a_delivered_newer_one(run: Run, store: PrivateRedis) -> None:
     """v1 answered 503 (its retry comes a second or more later), v2 delivered meanwhile, v1's
     retry superseded: one call for v1 (the 503), none more, and Totango shows v2."""
@@ -84,18 +89,12 @@ def test_a_retried_older_update_after_a_delivered_newer_one(run: Run, store: Pri
     wait_until(lambda: logged(started, f"superseded event_id={old}") == 1, WAIT, "v1 superseded")
 
     shown = run.gateway.attributes(account)
-    row = run.record(
-        Row(
-            "8 stale update: v1 retried after v2 delivered",
-            run.kind,
-            sent=2,
-            delivered=1,
-            duplicates=0,
-            dead_lettered=len(browse(app, timeout=0)),
-            lost=0,
-            duplicate_bound=0,
-            note=f"v1 {old[:8]} superseded, acked unsent; Totango shows Plan={shown.get('Plan')}",
-        )
+    row = record(
+        run,
+        app,
+        "8 stale update: v1 retried after v2 delivered",
+        1,
+        f"v1 {old[:8]} superseded, acked unsent; Totango shows Plan={shown.get('Plan')}",
     )
     assert values(run, account) == [("v1", 503), ("v2", 200)]
     assert shown == {"Plan": "v2"}
@@ -126,21 +125,13 @@ def test_the_older_call_slower_than_the_newer_one_two_workers(
     calls = values(run, account)
     shown = run.gateway.attributes(account)
     repaired = logged(started, "newer value sent again")
-    row = run.record(
-        Row(
-            "8 stale update race: older call slower, 2 workers",
-            run.kind,
-            sent=2,
-            delivered=2,
-            duplicates=0,
-            dead_lettered=len(browse(app, timeout=0)),
-            lost=0,
-            duplicate_bound=0,
-            note=(
-                "arrival order " + " → ".join(v for v, _ in calls) + f"; {repaired} repair; "
-                f"Totango shows Plan={shown.get('Plan')}"
-            ),
-        )
+    row = record(
+        run,
+        app,
+        "8 stale update race: older call slower, 2 workers",
+        2,
+        "arrival order " + " → ".join(v for v, _ in calls) + f"; {repaired} repair; "
+        f"Totango shows Plan={shown.get('Plan')}",
     )
     assert calls == [("v2", 200), ("v1", 200), ("v2", 200)]  # the race happened, then healed
     assert shown == {"Plan": "v2"}
