@@ -194,6 +194,19 @@ def flower_deployment() -> dict[str, Any]:
     return one("Deployment", "totango-flower", OPS / "base")
 
 
+def assert_locked_down(pod: dict[str, Any], ctr: dict[str, Any]) -> None:
+    """Not root, the default seccomp profile, no service-account token or service links,
+    a read-only root filesystem, no privilege escalation, every capability dropped."""
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["enableServiceLinks"] is False
+    security = ctr["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+
+
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
     containers = deployment["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1
@@ -636,15 +649,8 @@ def test_pods_are_locked_down() -> None:
     for deployment in (*worker_deployments(), flower_deployment()):
         pod = deployment["spec"]["template"]["spec"]
         ctr = container(deployment)
-        assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] == 10001
-        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-        assert pod["automountServiceAccountToken"] is False
-        assert pod["enableServiceLinks"] is False
-        security = ctr["securityContext"]
-        assert security["readOnlyRootFilesystem"] is True
-        assert security["allowPrivilegeEscalation"] is False
-        assert security["capabilities"]["drop"] == ["ALL"]
+        assert_locked_down(pod, ctr)
         volumes = {v["name"]: v for v in pod["volumes"]}
         mounts = {m["mountPath"]: m["name"] for m in ctr["volumeMounts"]}
         for name in mounts.values():
@@ -1129,15 +1135,8 @@ def test_state_store_is_a_locked_down_redis_without_persistence() -> None:
     for probe in ("readinessProbe", "livenessProbe"):
         assert ctr[probe]["exec"]["command"] == ["redis-cli", "ping"]
         assert ctr[probe]["timeoutSeconds"] >= 2
-    assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
-    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    assert pod["automountServiceAccountToken"] is False
-    assert pod["enableServiceLinks"] is False
-    security = ctr["securityContext"]
-    assert security["readOnlyRootFilesystem"] is True
-    assert security["allowPrivilegeEscalation"] is False
-    assert security["capabilities"]["drop"] == ["ALL"]
+    assert_locked_down(pod, ctr)
     header = (under / "state-store-deployment.yaml").read_text(encoding="utf-8")
     assert "No persistence, on purpose" in header
     assert "fails open" in header
