@@ -323,10 +323,9 @@ class StateStore:
             return None
         checked = list(event_ids) if dedup else []
         position = {event_id: n for n, event_id in enumerate(checked, 1)}
-        hashes: dict[Entity, int] = {}
+        hashes, slots = _hash_slots([claim for _, claim in claims], after=len(checked))
         argv: list[str | int] = [self.ttl, len(checked)]
-        for event_id, claim in claims:
-            slot = hashes.setdefault(claim.entity, len(checked) + len(hashes) + 1)
+        for (event_id, claim), slot in zip(claims, slots, strict=True):
             argv += [position.get(event_id, 0), slot, claim.param, claim.at, claim.value]
         keys = [delivered_key(e) for e in checked] + [newest_key(e) for e in hashes]
         try:
@@ -348,10 +347,9 @@ class StateStore:
         if self._skipping():
             metrics.record_state_error("record", len(delivered) or 1)
             return None
-        hashes: dict[Entity, int] = {}
+        hashes, slots = _hash_slots(claims, after=len(delivered))
         argv: list[str | int] = [self.ttl, f"{time.time():.3f}", len(delivered)]
-        for claim in claims:
-            slot = hashes.setdefault(claim.entity, len(delivered) + len(hashes) + 1)
+        for claim, slot in zip(claims, slots, strict=True):
             argv += [slot, claim.param, claim.at, claim.value]
         keys = [delivered_key(e) for e in delivered] + [newest_key(e) for e in hashes]
         try:
@@ -397,6 +395,14 @@ class StateStore:
             exc,
             errors,
         )
+
+
+def _hash_slots(claims: Sequence[Claim], *, after: int) -> tuple[dict[Entity, int], list[int]]:
+    """Each entity's position in a script's KEYS (1-based, after the ``after`` delivered
+    keys), and each claim's."""
+    hashes: dict[Entity, int] = {}
+    slots = [hashes.setdefault(c.entity, after + len(hashes) + 1) for c in claims]
+    return hashes, slots
 
 
 def _text(value: bytes | str) -> str:
