@@ -305,6 +305,7 @@ def run_ours(
                 **env,
                 "TOTANGO_DEDUP": "true",
                 "TOTANGO_NEWEST_WINS": "true",
+                "TOTANGO_BREAKER": "true",
                 "TOTANGO_STATE_URL": store.url,
             }
             for env in envs
@@ -547,6 +548,7 @@ def _worker_envs(
                 # here on both brokers, where Redis would otherwise be its own store.
                 "TOTANGO_DEDUP": "false",
                 "TOTANGO_NEWEST_WINS": "false",
+                "TOTANGO_BREAKER": "false",
                 "BENCH_CONF": json.dumps(config.conf),
             }
         )

@@ -102,6 +102,8 @@ def app_for() -> Iterator[Callable[[dict[str, str]], TotangoCelery]]:
     for app in apps:
         if app.state_store is not None:
             app.state_store.get().close()
+        if app.circuit is not None:
+            app.circuit.get().close()
         app.close()
 
 
@@ -127,6 +129,7 @@ def embedded_app(
             "TOTANGO_RETRY_BACKOFF_BASE": "1",
             "TOTANGO_RETRY_BACKOFF_MAX": "4",
             "TOTANGO_METRICS_PORT": "0",
+            "TOTANGO_BREAKER": "false",  # tests/test_breaker.py turns it on
             **extra,
         }
         return app_for({k: v for k, v in env.items() if v})

@@ -66,6 +66,7 @@ METRICS = {
     "totango_queue_wait_seconds_bucket",
     "totango_queue_wait_seconds_sum",
     "totango_queue_wait_seconds_count",
+    "totango_gateway_breaker_open",
 }
 ALERTS = {
     "TotangoDeadLettersGrowing",
@@ -74,6 +75,7 @@ ALERTS = {
     "TotangoNoWorkerUp",
     "TotangoQueueNotConsumedRabbitMQ",
     "TotangoQueueNotConsumedRedis",
+    "TotangoGatewayOutage",
 }
 WORKER_JOB = "totango-worker"
 HEALTH = ["python", "-m", "worker", "health"]
@@ -869,8 +871,9 @@ def test_flower_is_cluster_internal_read_only_and_authenticated() -> None:
 
 
 def test_prometheus_rule_has_the_alerts_on_real_metrics() -> None:
-    """The PrometheusRule defines the six alerts (dead letters growing, retry rate high,
-    oldest message too old, no worker up, and a queue nothing consumes on each broker) with
+    """The PrometheusRule defines the seven alerts (dead letters growing, retry rate high,
+    oldest message too old, no worker up, a queue nothing consumes on each broker, and a
+    gateway outage) with
     the agreed expressions for the first four (promtool proves them all in
     tests/test_monitoring.py); "no worker up" counts
     only the single-event Deployment's pods (by the component label the ServiceMonitor

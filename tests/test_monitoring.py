@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.brokers import redis_database
 from tests.test_metrics import (
     FIRST_ATTEMPTS_ONLY,
     QUEUE_WAIT_COUNT,
@@ -429,7 +430,7 @@ def test_exporter_metrics_are_all_used_and_none_is_the_workers() -> None:
     listed = exporter_metrics()
     assert set(listed) <= set(used), set(listed) - set(used)
     assert not any(name.startswith(WORKER_PREFIX) for name in listed)
-    known = TARGET_LABELS | {"task", "reason", "status", "method", "le"}
+    known = TARGET_LABELS | {"task", "reason", "status", "method", "le", "gateway"}
     known |= {label for labels in listed.values() for label in labels}
     for expr in [*dashboard_exprs(), *(r["expr"] for r in alerts().values())]:
         named = grouping_labels(expr) | matcher_labels(expr)
@@ -445,17 +446,38 @@ def test_every_queried_metric_is_exported_by_a_worker_or_documented(
     tmp_path: Path,
 ) -> None:
     """A real worker relays deliveries, a retried event and a dead-lettered one through the
-    gateway emulator; its /metrics then shows every worker metric the dashboard and the
+    gateway emulator, with the outage breaker on (its store a Redis database of the
+    test's own); its /metrics then shows every worker metric the dashboard and the
     alerts query, with the labels they group by; every other name queried is in
     ops/prometheus/exporter-metrics.yaml."""
     port = free_port()
-    env = env_for(TOTANGO_POOL="threads", TOTANGO_METRICS_PORT=str(port))
+    with redis_database() as store:
+        env = env_for(
+            TOTANGO_POOL="threads",
+            TOTANGO_METRICS_PORT=str(port),
+            TOTANGO_STATE_URL=store,
+            TOTANGO_BREAKER="true",
+        )
+        samples = _relayed_samples(env, start_worker, app_for, gateway, tmp_path)
+    _check_queried_metrics(samples)
+
+
+def _relayed_samples(
+    env: dict[str, str],
+    start_worker: StartWorker,
+    app_for: AppFor,
+    gateway: GatewayEmulator,
+    tmp_path: Path,
+) -> Any:
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     log = tmp_path / "worker.log"
     with start_worker(env):
         expected = relay_mix(app_for(env), gateway, plain=2, retried=1, invalid=1)
         expected[key(QUEUE_WAIT_COUNT)] = 4.0 if FIRST_ATTEMPTS_ONLY else 5.0
-        samples = wait_counts(port, expected, log)
+        return wait_counts(int(env["TOTANGO_METRICS_PORT"]), expected, log)
+
+
+def _check_queried_metrics(samples: Any) -> None:
     exported: dict[str, set[str]] = {}
     for name, labels in samples:
         exported.setdefault(name, set()).update(label for label, _ in labels)

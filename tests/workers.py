@@ -18,7 +18,8 @@ START_TIMEOUT = 60.0
 
 
 def worker_env(broker_url: str, gateway_url: str, tmp: Path, **extra: str) -> dict[str, str]:
-    """Settings for a test worker: fast retries, no metrics port, a private heartbeat file."""
+    """Settings for a test worker: fast retries, no metrics port, a private heartbeat file,
+    the outage breaker off."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TOTANGO_", "SENTRY_"))}
     env.update(
         {
@@ -35,6 +36,9 @@ def worker_env(broker_url: str, gateway_url: str, tmp: Path, **extra: str) -> di
             "TOTANGO_CONCURRENCY": "4",
             "TOTANGO_HEARTBEAT_FILE": str(tmp / "heartbeat"),
             "TOTANGO_LOG_LEVEL": "INFO",
+            # Off unless a test turns it on: on Redis the broker is the store, and a test
+            # that makes the gateway fail on purpose would open it (tests/test_breaker.py).
+            "TOTANGO_BREAKER": "false",
         }
     )
     env.update(extra)

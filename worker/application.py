@@ -10,8 +10,10 @@ from functools import partial
 from typing import Any
 
 from worker import batch, signals, tasks
+from worker.circuit import Circuit
 from worker.consumer import DeclareQueues, Heartbeat
 from worker.gateway import Gateways
+from worker.pausing import OutagePause
 from worker.process_local import PerProcess
 from worker.producer_app import config, transport_options
 from worker.relay import TotangoCelery
@@ -28,10 +30,14 @@ def create_app(settings: Settings | None = None) -> TotangoCelery:
     app.state_store = (
         PerProcess(partial(StateStore.for_settings, settings)) if settings.state_on else None
     )
+    app.circuit = (
+        PerProcess(partial(Circuit.for_settings, settings)) if settings.breaker_on else None
+    )
     app.conf.update(config(settings))
     app.conf.update(worker_config(settings))
     app.steps["consumer"].add(DeclareQueues)
     app.steps["consumer"].add(Heartbeat)
+    app.steps["consumer"].add(OutagePause)  # included only when the breaker is on
     tasks.register(app)
     batch.register(app)  # totango.track_batch: many events in one message
     signals.connect()

@@ -19,11 +19,19 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 
 from worker import events, metrics, relay
-from worker.contract import ENQUEUED_AT_HEADER, FIRST_ATTEMPT_HEADER, TRACK_BATCH
+from worker.contract import (
+    BATCH_QUEUE,
+    DEFERRALS_HEADER,
+    ENQUEUED_AT_HEADER,
+    FIRST_ATTEMPT_HEADER,
+    QUEUE,
+    TRACK_BATCH,
+)
 from worker.deadletter import PUBLISH_RETRY_POLICY, dead_letter
 from worker.envelope import Envelope, event_id_of, now_iso
 from worker.errors import InvalidEvent
 from worker.gateway import Answer
+from worker.outage import Admit
 from worker.outcome import Outcome
 from worker.retry import WORKER_LOST_RETRY_DELAY
 from worker.settings import Settings
@@ -115,6 +123,27 @@ def relay_batch(
         else:
             valid.append((item, event))
 
+    admission, delay = relay.admit(app, [event for _, event in valid])
+    if admission is Admit.DEFER:
+        # The gateway is down for the fleet: the whole message goes back as it came, its
+        # events unsent and their budgets unspent; a batch that probes sends as usual.
+        deferrals = relay.header(request, DEFERRALS_HEADER)
+        task.signature_from_request(
+            request,
+            countdown=delay,
+            retries=request.retries,
+            headers={
+                FIRST_ATTEMPT_HEADER: first_attempt_at,
+                DEFERRALS_HEADER: (deferrals if isinstance(deferrals, int) else 0) + 1,
+            },
+            queue=BATCH_QUEUE,
+        ).apply_async(retry=True, retry_policy=PUBLISH_RETRY_POLICY)
+        metrics.record_deferred(TRACK_BATCH)
+        log.info(
+            "batch task_id=%s events=%d deferred %.0fs: gateway outage", batch_id, len(items), delay
+        )
+        return {relay.DEFERRED: len(items)}
+
     delivered_before, planned, superseded = _plan(app, valid, batch_id, first_attempt_at)
     valid = [(item, plan.event) for item, plan in planned if plan.event is not None]
     sending = _Sending(
@@ -133,18 +162,23 @@ def relay_batch(
         )
         dead_letter(app, envelope, settings)
 
-    counts = {relay.DELIVERED: 0, relay.RETRYING: 0, relay.DEAD_LETTERED: len(invalid)}
+    counts = {
+        relay.DELIVERED: 0,
+        relay.RETRYING: 0,
+        relay.DEAD_LETTERED: len(invalid),
+        relay.DEFERRED: 0,
+    }
     if delivered_before:  # the key only when there are any: the counts are the task's result
         counts[relay.DUPLICATE] = len(delivered_before)
     if superseded:
         counts[relay.SUPERSEDED] = superseded
     answers = sending.answers()
     settle = _Settle(app, batch_id, first_attempt_at)
-    for (item, event), answer in zip(valid, answers, strict=True):
-        counts[settle(item, event, answer)] += 1
+    for (item, event), answer, outage in zip(valid, answers, sending.outages, strict=True):
+        counts[settle(item, event, answer, outage)] += 1
     log.info(
         "batch task_id=%s events=%d delivered=%d retrying=%d dead_lettered=%d duplicates=%d "
-        "superseded=%d",
+        "superseded=%d deferred=%d",
         batch_id,
         len(items),
         counts[relay.DELIVERED],
@@ -152,7 +186,10 @@ def relay_batch(
         counts[relay.DEAD_LETTERED],
         len(delivered_before),
         superseded,
+        counts[relay.DEFERRED],
     )
+    if not counts[relay.DEFERRED]:  # the key only when there are any, as for duplicates
+        del counts[relay.DEFERRED]
     return counts
 
 
@@ -225,6 +262,9 @@ class _Sending:
         self._app = app
         self._plans = plans
         self._results: list[Answer | Exception | None] = [None] * len(plans)
+        #: Per event, ``relay.report``'s verdict on its answer: the seconds to wait while
+        #: the breaker is open, else ``None``.
+        self.outages: list[float | None] = [None] * len(plans)
         # deque.popleft is atomic (thread-safe): each index goes to exactly one sender.
         self._todo = deque(range(len(plans)))
         senders = senders_for(len(plans), app.settings) if plans else 0
@@ -245,6 +285,7 @@ class _Sending:
                 continue
             self._results[index] = answer
             try:
+                self.outages[index] = relay.report(self._app, event, answer)
                 relay.finish(self._app, [(plan, answer)])
             except Exception:  # the answer stands; a repair not published is logged
                 log.exception("finishing event_id=%s in the state store", event.event_id)
@@ -282,7 +323,13 @@ class _Settle:
     batch_id: str
     first_attempt_at: str
 
-    def __call__(self, item: Item, event: events.Event, answer: Answer | Exception) -> str:
+    def __call__(
+        self,
+        item: Item,
+        event: events.Event,
+        answer: Answer | Exception,
+        outage: float | None = None,
+    ) -> str:
         """One event's outcome; a re-enqueue or dead letter is published before it returns."""
         if isinstance(answer, Exception):  # one event's bug must not re-send its neighbours
             log.error(
@@ -304,7 +351,24 @@ class _Settle:
             dead_letter(self.app, envelope, self.app.settings)
             return relay.DEAD_LETTERED
         attempt = _attempt(item, event, self.batch_id, self.first_attempt_at)
-        return relay.settle(self.app, attempt, answer, self._reenqueue)
+        return relay.settle(
+            self.app, attempt, answer, self._reenqueue, outage=outage, put_back=self._put_back
+        )
+
+    def _put_back(self, attempt: relay.Attempt, delay: float) -> None:
+        # Alone, as a single event that has spent none of its budget: this call failed
+        # because the gateway is down for everyone, not because of the event.
+        self.app.send_task(
+            attempt.task,
+            kwargs=attempt.kwargs,
+            task_id=attempt.event_id,
+            countdown=delay,
+            retries=0,
+            headers={FIRST_ATTEMPT_HEADER: attempt.first_attempt, DEFERRALS_HEADER: 1},
+            queue=QUEUE,
+            retry=True,
+            retry_policy=PUBLISH_RETRY_POLICY,
+        )
 
     def _reenqueue(self, attempt: relay.Attempt, _answer: Answer, outcome: Outcome) -> None:
         # As Task.retry would: the same task id and event id, retries=1 so the single-event task

@@ -86,6 +86,8 @@ RABBITMQ_DEAD_LETTER_ARGUMENTS: Final[dict[str, object]] = {"x-queue-type": "quo
 #: queue-wait metric; the worker adds ``FIRST_ATTEMPT_HEADER`` to a retry.
 ENQUEUED_AT_HEADER: Final = "totango_enqueued_at"
 FIRST_ATTEMPT_HEADER: Final = "totango_first_attempt_at"
+#: How many times the worker put a message back unsent in a gateway outage (the breaker).
+DEFERRALS_HEADER: Final = "totango_deferrals"
 #: Headers of a dead letter, so that a broker-side tool can filter without decoding it.
 REASON_HEADER: Final = "totango_reason"
 EVENT_ID_HEADER: Final = "totango_event_id"

@@ -48,6 +48,8 @@ class Answer:
     unexpected_body: bool = False
     #: The GET answered 414 URI Too Long, when this answer is the POST that followed it.
     first: Answer | None = None
+    #: ``RateLimit-Reset`` (delta-seconds), read when there is no ``Retry-After``.
+    rate_limit_reset: str | None = None
 
 
 # --- pure decisions -----------------------------------------------------------------------
@@ -218,6 +220,7 @@ class Gateway:
                 "POST",
                 post.unexpected_body,
                 first=answer,
+                rate_limit_reset=post.rate_limit_reset,
             )
         return answer
 
@@ -255,8 +258,18 @@ class Gateway:
         body = response.data
         unexpected = status == "200" and not is_gif(body)
         excerpt = "" if status == "200" and not unexpected else _excerpt(_text(body))
-        retry_after = response.headers.get("Retry-After")
-        return Answer(status, retry_after, excerpt, _since(started), method, unexpected)
+        headers = response.headers
+        retry_after = headers.get("Retry-After")
+        reset = None if status == "200" else headers.get("RateLimit-Reset")
+        return Answer(
+            status,
+            retry_after,
+            excerpt,
+            _since(started),
+            method,
+            unexpected,
+            rate_limit_reset=reset,
+        )
 
     def close(self) -> None:
         if self._pool is not None:

@@ -48,6 +48,8 @@ class Metrics:
     superseded: Counter
     attributes_superseded: Counter
     repairs: Counter
+    breaker_open: Gauge
+    deferred: Counter
 
 
 def _create_metrics() -> Metrics:
@@ -105,6 +107,18 @@ def _create_metrics() -> Metrics:
         repairs=Counter(
             "totango_attribute_repairs",
             "Newer attribute values sent again: an older call was in flight when they were claimed",
+        ),
+        # max: every live process reads the same fleet-wide breaker; one open is open.
+        breaker_open=Gauge(
+            "totango_gateway_breaker_open",
+            "1 while the fleet's breaker for this gateway is open (a gateway outage)",
+            ["gateway"],
+            multiprocess_mode="livemax",
+        ),
+        deferred=Counter(
+            "totango_events_deferred",
+            "Events put back on the queue unsent, their retry budget unspent: the breaker is open",
+            ["task"],
         ),
     )
 
@@ -187,6 +201,14 @@ def record_superseded(task: str, attributes: int, *, whole: bool) -> None:
 
 def record_repairs(count: int) -> None:
     metrics().repairs.inc(count)
+
+
+def set_breaker_open(gateway: str, is_open: bool) -> None:
+    _child("breaker_open", gateway).set(1 if is_open else 0)
+
+
+def record_deferred(task: str) -> None:
+    _child("deferred", task).inc()
 
 
 def record_queue_wait(enqueued_at: Any) -> None:

@@ -109,6 +109,26 @@ def alert_dead_letter(envelope: Envelope, settings: Settings) -> None:
         )
 
 
+def alert_outage(phase: str, gateway: str, detail: str, settings: Settings) -> None:
+    """One Sentry event when a gateway outage starts (level error) and one when it ends
+    (level info), sent by the worker whose call opened or closed the fleet's breaker; never
+    one per event."""
+    import sentry_sdk  # noqa: PLC0415
+
+    if not sentry_sdk.get_client().is_active():
+        return
+    with sentry_sdk.new_scope() as scope:
+        scope.fingerprint = ["totango-gateway-outage", gateway, phase]
+        scope.set_tag("gateway", gateway)
+        scope.set_tag("outage", phase)
+        scope.set_tag("region", settings.region)
+        sentry_sdk.capture_message(
+            f"Gateway outage {phase}: {gateway} ({detail})",
+            level="error" if phase == "started" else "info",
+            scope=scope,
+        )
+
+
 def before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any] | None:
     """Drop what would double an alert, and scrub personal data unless opted in."""
     del hint

@@ -23,15 +23,18 @@ _clients_lock = threading.Lock()
 KEY_PREFIX = "totango-worker:deliveries:"
 
 
-def count_delivery(broker_url: str, task_id: str, retries: int, ttl: float) -> int:
+def count_delivery(
+    broker_url: str, task_id: str, retries: int, ttl: float, *, deferrals: int = 0
+) -> int:
     """Count one more delivery of this message; returns how many there have been, or 0
-    if Redis cannot be reached.
+    if Redis cannot be reached. A copy put back in an outage (``deferrals``) is a message
+    of its own, counted apart.
 
     The count guards against a message that kills the worker every time; it is no reason
     to fail an event. With Redis cut or restarting, the call goes ahead uncounted (and if
     its ack is lost as well, the message comes back from Redis and is counted then).
     """
-    key = f"{KEY_PREFIX}{task_id}:{retries}"
+    key = f"{KEY_PREFIX}{task_id}:{retries}" + (f".{deferrals}" if deferrals else "")
     try:
         pipe = _redis(broker_url).pipeline(transaction=False)  # one round trip, no MULTI
         pipe.incr(key)

@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 
 from worker import metrics
+from worker.circuit import Circuit
 from worker.contract import ENQUEUED_AT_HEADER, FIRST_ATTEMPT_HEADER, QUEUE
 from worker.deadletter import PUBLISH_RETRY_POLICY, dead_letter
 from worker.envelope import Envelope, iso_at
 from worker.gateway import Answer, Gateways
 from worker.newest import Claim, claims_of, repairs, without
+from worker.outage import Admit
 from worker.outcome import Kind, Outcome, decide
 from worker.process_local import PerProcess
 from worker.retry import is_delivered
@@ -42,6 +44,8 @@ class TotangoCelery(Celery):
     batch_executor: PerProcess[ThreadPoolExecutor]
     #: The records of delivered event ids; ``None`` when duplicate suppression is off.
     state_store: PerProcess[StateStore] | None
+    #: The fleet's breakers as this process sees them; ``None`` when the breaker is off.
+    circuit: PerProcess[Circuit] | None
 
 
 #: Returned by the tasks and counted by the batch.
@@ -52,6 +56,11 @@ DEAD_LETTERED = "dead_lettered"
 DUPLICATE = "duplicate"
 #: An attribute update whose every attribute has a newer value sent: acknowledged unsent.
 SUPERSEDED = "superseded"
+#: The gateway is down for the fleet (the breaker is open): put back unsent, budget unspent.
+DEFERRED = "deferred"
+
+#: Puts an event back on its queue unsent, to come back after the given seconds.
+PutBack = Callable[["Attempt", float], None]
 
 
 @dataclass(frozen=True)
@@ -258,6 +267,46 @@ def republish_newer(
             )
 
 
+def admit(app: TotangoCelery, batch: list[Event]) -> tuple[Admit, float]:
+    """May these events' calls go out now (``worker.outage``): ``SEND``, ``PROBE`` (the
+    breaker of their gateway is open and this tests it), or ``DEFER`` by some seconds.
+    Always ``SEND`` when the breaker is off."""
+    if app.circuit is None or not batch:
+        return Admit.SEND, 0.0
+    circuit = app.circuit.get()
+    verdict, delay = Admit.SEND, 0.0
+    for url in dict.fromkeys(app.settings.gateway_for(event.service_id) for event in batch):
+        admission, wait = circuit.admit(url)
+        if admission is Admit.DEFER:
+            return admission, wait
+        if admission is Admit.PROBE:
+            verdict = admission
+    return verdict, delay
+
+
+def report(app: TotangoCelery, event: Event, answer: Answer) -> float | None:
+    """Tell the breaker what this call found; ``None`` when its gateway is up as far as the
+    fleet knows, else the seconds a failed event is to wait (the breaker is open)."""
+    if app.circuit is None:
+        return None
+    circuit = app.circuit.get()
+    url = app.settings.gateway_for(event.service_id)
+    if not circuit.report(url, answer):
+        return None
+    return circuit.deferral(url)
+
+
+def deferred(attempt: Attempt, delay: float, put_back: PutBack) -> str:
+    """Back on the queue unsent, its retry budget unspent: the gateway is down for the
+    fleet. Counted; logged at DEBUG only (the outage itself is logged once)."""
+    put_back(attempt, delay)
+    metrics.record_deferred(attempt.task)
+    log.debug(
+        "deferred %s attempt=%d for %.0fs: gateway outage", attempt.who, attempt.number, delay
+    )
+    return DEFERRED
+
+
 def send(app: TotangoCelery, event: Event) -> Answer:
     """One gateway call, counted in flight and by its answer."""
     with metrics.gateway_call():
@@ -281,9 +330,16 @@ def settle(
     attempt: Attempt,
     answer: Answer,
     reschedule: Callable[[Attempt, Answer, Outcome], None],
+    *,
+    outage: float | None = None,
+    put_back: PutBack | None = None,
 ) -> str:
     """Decide on the answer and act on it; ``reschedule`` publishes a retry (the task's
-    ``Task.retry``, or the batch's re-enqueue as a single event)."""
+    ``Task.retry``, or the batch's re-enqueue as a single event). A failed call while the
+    breaker is open (``outage``: the seconds to wait, from ``report``) is put back instead,
+    its retry budget unspent, and never dead-lettered for having run out."""
+    if outage is not None and put_back is not None and not is_delivered(answer.status):
+        return deferred(attempt, outage, put_back)
     outcome = decide(
         answer.status, attempt.number - 1, app.settings.retry_policy, answer.retry_after
     )

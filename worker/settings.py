@@ -82,6 +82,13 @@ class Settings:
     dedup_ttl: float = 7 * 24 * 3600.0
     #: Per attribute, send nothing older than the newest ``occurred_at`` already sent.
     newest_wins: bool = True
+    #: The fleet's breaker (worker/outage.py): in a gateway outage, stop taking events and
+    #: probe the gateway, instead of spending every event's retries.
+    breaker: bool = True
+    #: Consecutive calls, across the fleet, that find the gateway down before it opens.
+    breaker_threshold: int = 20
+    #: Seconds between two probes of a gateway while its breaker is open.
+    breaker_probe_interval: float = 5.0
 
     @property
     def broker_kind(self) -> str:
@@ -163,6 +170,11 @@ class Settings:
             dedup=_bool(e, "TOTANGO_DEDUP", d.dedup),
             dedup_ttl=_float(e, "TOTANGO_DEDUP_TTL", d.dedup_ttl, low=1),
             newest_wins=_bool(e, "TOTANGO_NEWEST_WINS", d.newest_wins),
+            breaker=_bool(e, "TOTANGO_BREAKER", d.breaker),
+            breaker_threshold=_int(e, "TOTANGO_BREAKER_THRESHOLD", d.breaker_threshold, low=1),
+            breaker_probe_interval=_float(
+                e, "TOTANGO_BREAKER_PROBE_INTERVAL", d.breaker_probe_interval, low=0.5
+            ),
         )
         settings.check_delays()
         settings.check_dedup_ttl()
@@ -242,9 +254,14 @@ class Settings:
         return self.newest_wins and self.state_store_url is not None
 
     @property
+    def breaker_on(self) -> bool:
+        """The fleet's breaker runs only with a store the fleet shares."""
+        return self.breaker and self.state_store_url is not None
+
+    @property
     def state_on(self) -> bool:
         """Whether any feature of the state store is on."""
-        return self.dedup_on or self.newest_wins_on
+        return self.dedup_on or self.newest_wins_on or self.breaker_on
 
     @property
     def redelivery_span(self) -> float:

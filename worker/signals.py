@@ -117,6 +117,7 @@ def log_features(settings: Settings) -> None:
     features = {
         "duplicate suppression": (settings.dedup, "TOTANGO_DEDUP"),
         "newest value wins": (settings.newest_wins, "TOTANGO_NEWEST_WINS"),
+        "outage breaker": (settings.breaker, "TOTANGO_BREAKER"),
     }
     url = settings.state_store_url
     if url is None:

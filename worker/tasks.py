@@ -16,6 +16,7 @@ from celery import Task
 
 from worker import events, metrics, relay
 from worker.contract import (
+    DEFERRALS_HEADER,
     DELIVERY_LIMIT,
     ENQUEUED_AT_HEADER,
     FIRST_ATTEMPT_HEADER,
@@ -24,10 +25,11 @@ from worker.contract import (
     UPDATE_ACCOUNT,
     UPDATE_USER,
 )
-from worker.deadletter import dead_letter
+from worker.deadletter import PUBLISH_RETRY_POLICY, dead_letter
 from worker.envelope import Envelope, event_id_of
 from worker.errors import DeliveryFailed, InvalidEvent
 from worker.gateway import Answer
+from worker.outage import Admit
 from worker.outcome import Outcome
 from worker.redeliveries import count_delivery
 from worker.retry import WORKER_LOST_RETRY_DELAY
@@ -109,6 +111,24 @@ def relay_event(
         return relay.DEAD_LETTERED
 
     attempt = relay.current_attempt(name, event, kwargs, request)
+
+    def put_back(attempt: relay.Attempt, delay: float) -> None:
+        # The same message again, after ``delay``, with the same retry count: Celery's own
+        # signature of this request, as Task.retry builds it, without spending a retry.
+        headers = {
+            FIRST_ATTEMPT_HEADER: attempt.first_attempt,
+            DEFERRALS_HEADER: _deferrals(request) + 1,
+        }
+        enqueued_at = relay.header(request, ENQUEUED_AT_HEADER)
+        if enqueued_at is not None:
+            headers[ENQUEUED_AT_HEADER] = enqueued_at
+        task.signature_from_request(
+            request, countdown=delay, retries=request.retries, headers=headers, queue=QUEUE
+        ).apply_async(retry=True, retry_policy=PUBLISH_RETRY_POLICY)
+
+    admission, delay = relay.admit(app, [event])
+    if admission is Admit.DEFER:
+        return relay.deferred(attempt, delay, put_back)
     delivered, plans = relay.check(app, [event])
     if delivered:
         return relay.suppressed(attempt)
@@ -117,6 +137,7 @@ def relay_event(
     if plan.event is None:
         return relay.SUPERSEDED
     answer = relay.send(app, plan.event)
+    outage = relay.report(app, plan.event, answer)
     relay.finish(app, [(plan, answer)])
 
     def retry(attempt: relay.Attempt, answer: Answer, outcome: Outcome) -> None:
@@ -130,7 +151,7 @@ def relay_event(
             queue=QUEUE,
         )
 
-    return relay.settle(app, attempt, answer, retry)
+    return relay.settle(app, attempt, answer, retry, outage=outage, put_back=put_back)
 
 
 def _over_delivery_limit(app: TotangoCelery, request: Any) -> bool:
@@ -139,5 +160,13 @@ def _over_delivery_limit(app: TotangoCelery, request: Any) -> bool:
     if app.settings.broker_kind != "redis" or not request.id:
         return False
     ttl = app.settings.visibility_timeout * (DELIVERY_LIMIT + 2)
-    count = count_delivery(app.settings.broker_url, request.id, request.retries, ttl)
+    count = count_delivery(
+        app.settings.broker_url, request.id, request.retries, ttl, deferrals=_deferrals(request)
+    )
     return count > DELIVERY_LIMIT
+
+
+def _deferrals(request: Any) -> int:
+    """How many times this message was put back in an outage (a new copy each time)."""
+    value = relay.header(request, DEFERRALS_HEADER)
+    return value if isinstance(value, int) and value >= 0 else 0
