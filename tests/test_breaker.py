@@ -309,3 +309,57 @@ def test_a_worker_waits_out_an_outage_five_times_its_retry_span(
     assert log.count("gateway outage ended") == 1
     assert re.search(r"gateway outage ended gateway=\S+ after \d+\.\ds", log)
     assert drain_dead_letters(app) == []
+
+
+@pytest.mark.integration
+def test_a_batch_that_finds_the_breaker_open_goes_back_whole_then_probes(
+    breaker_env: dict[str, str],
+    app_for: Callable[[dict[str, str]], TotangoCelery],
+    start_worker: Callable[..., AbstractContextManager[Popen[bytes]]],
+    gateway: GatewayEmulator,
+    worker_log: Path,
+) -> None:
+    """The breaker is open (as another worker of the fleet left it) when a batch of 5
+    arrives: the batch goes back whole, unsent, and comes back; once a probe is due it is
+    sent as the probe, its 200s close the breaker, and each event reaches the gateway once."""
+    store = FleetBreaker(breaker_env.get("TOTANGO_STATE_URL") or breaker_env["TOTANGO_BROKER_URL"])
+    url = breaker_env["TOTANGO_GATEWAY_URL"]
+    try:
+        for _ in range(5):
+            opened = store.failed(url, threshold=5, cooldown=None)
+        assert opened is not None
+        assert opened.breaker.is_open
+    finally:
+        store.close()
+    tag = uuid.uuid4().hex[:8]
+    producer = Producer(app=app_for(breaker_env))
+    with start_worker(breaker_env, "-Q", "totango.batch"):
+        producer.send_batch(
+            [
+                producer.prepare(
+                    "totango.track_activity",
+                    account_id="acme",
+                    user_id=f"{tag}-{n}",
+                    activity="Login",
+                    module="App",
+                )
+                for n in range(5)
+            ]
+        )
+        wait_until(
+            lambda: "deferred" in worker_log.read_text(errors="replace"),
+            20,
+            "the batch put back",
+            worker_log,
+        )
+        wait_until(
+            lambda: len(gateway.delivered()) >= 5, 30, "the batch sent as the probe", worker_log
+        )
+        wait_until(
+            lambda: "gateway outage ended" in worker_log.read_text(errors="replace"),
+            10,
+            "the probe closing the breaker",
+            worker_log,
+        )
+    users = [dict(c.params)["sdr_u"] for c in gateway.calls()]
+    assert sorted(users) == sorted(f"{tag}-{n}" for n in range(5)), "each event once"
