@@ -245,24 +245,32 @@ def test_redis_dead_letters_a_message_delivered_past_the_delivery_limit(
     gateway: GatewayEmulator,
     broker_url: str,
 ) -> None:
-    """Redis has no x-delivery-limit: the worker counts deliveries of each message itself,
-    and one already delivered DELIVERY_LIMIT times (each killing the worker) is dead-lettered
-    with reason delivery_limit instead of being sent; a replay then delivers it."""
+    """Redis has no x-delivery-limit: the worker counts the redeliveries of each message
+    itself, and one that comes back a DELIVERY_LIMIT-th time (DELIVERY_LIMIT deliveries
+    before, each killing the worker) is dead-lettered with reason delivery_limit instead of
+    being sent; a replay then delivers it. The message here really comes back from Redis's
+    unacked hash (taken, then its connection closed unacknowledged), as after a crash."""
     import redis  # noqa: PLC0415  only this test talks to Redis directly
 
-    from worker.contract import DELIVERY_LIMIT  # noqa: PLC0415
+    from worker.contract import DELIVERY_LIMIT, QUEUE  # noqa: PLC0415
     from worker.redeliveries import KEY_PREFIX  # noqa: PLC0415
 
     env = env_for()
     app = app_for(env)
     client = redis.Redis.from_url(broker_url)
     try:
-        client.set(f"{KEY_PREFIX}poison-task:0", DELIVERY_LIMIT)
+        # The first delivery is not counted: DELIVERY_LIMIT - 1 redeliveries before this one.
+        client.set(f"{KEY_PREFIX}poison-task:0", DELIVERY_LIMIT - 1)
     finally:
         client.close()
     kwargs = {"account_id": "acme", "user_id": "u-poison", "activity": "Login", "module": "App"}
+    app.send_task("totango.track_activity", kwargs=kwargs, task_id="poison-task")
+    with app.connection_for_read() as connection:
+        taken = connection.default_channel.basic_get(QUEUE)
+        assert taken is not None
+        assert taken.headers["id"] == "poison-task"
+    # Closed unacknowledged: kombu restores it from unacked, marked redelivered.
     with start_worker(env):
-        app.send_task("totango.track_activity", kwargs=kwargs, task_id="poison-task")
         app.send_task("totango.track_activity", kwargs={**kwargs, "user_id": "u-fine"})
         gateway.wait_for(1, timeout=20)
         entries = browse(app, timeout=10)

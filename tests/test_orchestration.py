@@ -9,6 +9,7 @@ publishes nothing), so each test sees exactly the decision the worker made.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ from celery.exceptions import Retry
 from celery.signals import task_retry
 
 from totango_emulator import GatewayEmulator
-from worker import signals
+from worker import observability, relay, signals
 from worker.application import TotangoCelery
 from worker.contract import (
     FIRST_ATTEMPT_HEADER,
@@ -64,6 +65,43 @@ def test_a_delivered_event_makes_one_call_and_no_dead_letter(
     (call,) = gateway.calls()
     assert ("sdr_a", "Login") in call.params
     assert dead_letters(app) == []
+
+
+@pytest.fixture
+def summary_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The delivered summary with a clock of the test's own: ``clock[0]`` is now."""
+    clock = [0.0]
+    fresh = observability.DeliveredSummary(relay.log, 60.0, clock=lambda: clock[0])
+    monkeypatch.setattr(relay, "delivered_summary", fresh)
+    return clock
+
+
+def test_deliveries_are_logged_at_debug_and_counted_in_one_info_line_a_minute(
+    make_app: Callable[..., TotangoCelery],
+    gateway: GatewayEmulator,
+    caplog: pytest.LogCaptureFixture,
+    summary_clock: list[float],
+) -> None:
+    """Each delivery has its own line at DEBUG (event id, account, attempt); at INFO, the
+    first delivery after start says so, and then one line a minute gives the count since."""
+    caplog.set_level(logging.DEBUG, logger="worker.tasks")
+    app = make_app()
+    for n in range(3):
+        assert app.tasks[TRACK_ACTIVITY].apply(kwargs=ACTIVITY, task_id=f"d-{n}").get() == (
+            "delivered"
+        )
+        summary_clock[0] += 30.0  # d-0 at 0 s, d-1 at 30 s, d-2 at 60 s
+    assert len(gateway.calls()) == 3
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "worker.tasks"]
+    debug = [text for level, text in lines if level == logging.DEBUG]
+    info = [text for level, text in lines if level == logging.INFO]
+    assert debug == [
+        f"delivered event_id=d-{n} account=acme task={TRACK_ACTIVITY} attempt=1" for n in range(3)
+    ]
+    assert info == [
+        "delivered the first event since start; a summary follows every 60s",
+        "delivered 2 events in the last 60s",
+    ]
 
 
 @pytest.fixture

@@ -313,7 +313,7 @@ def _attempt(
         first_attempt_at=first_attempt_at,
         started_at=0.0,
         context=f" batch={batch_id}",
-        delivered_log_level=logging.DEBUG,
+        summarised=False,
     )
 
 

@@ -2,8 +2,10 @@
 
 On RabbitMQ the quorum queue's ``x-delivery-limit`` dead-letters a message that kills the
 whole worker every time it is taken. On Redis such a message would come back after every
-``visibility_timeout`` forever, so each delivery of a message (task id and retry number) is
-counted in Redis, and past ``contract.DELIVERY_LIMIT`` it goes to the dead-letter queue instead.
+``visibility_timeout`` forever, so each redelivery of a message (task id and retry number)
+is counted in Redis, and past ``contract.DELIVERY_LIMIT`` deliveries it goes to the dead-letter
+queue instead. A first delivery is not counted (``tasks._over_delivery_limit``): kombu marks
+every message it restores from ``unacked`` as redelivered, so only those cost a round trip.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
-from worker import metrics
+from worker import metrics, observability
 from worker.circuit import Circuit
 from worker.contract import ENQUEUED_AT_HEADER, FIRST_ATTEMPT_HEADER, QUEUE
 from worker.deadletter import PUBLISH_RETRY_POLICY, dead_letter
@@ -80,8 +80,9 @@ class Attempt:
     started_at: float
     #: Appended to the log line: `` batch=<id>`` for an event of a batch.
     context: str = ""
-    #: A batch logs one line for the whole batch, and each delivery at DEBUG only.
-    delivered_log_level: int = logging.INFO
+    #: A delivery is logged at DEBUG, and counted in the summary line at INFO
+    #: (``delivered_summary``); a batch logs its own line for the whole batch instead.
+    summarised: bool = True
 
     @property
     def first_attempt(self) -> str:
@@ -132,6 +133,8 @@ class RateLimitedWarning:
 
 #: A 200 that is not the GIF: once a minute at most, per process.
 unexpected_body_warning = RateLimitedWarning(60.0)
+#: The single events delivered: one INFO line a minute with their count.
+delivered_summary = observability.DeliveredSummary(log)
 
 
 @dataclass(frozen=True)
@@ -345,7 +348,10 @@ def settle(
     )
     if outcome.kind is Kind.DELIVERED:
         metrics.record_delivered(attempt.task)
-        log.log(attempt.delivered_log_level, "delivered %s attempt=%d", attempt.who, attempt.number)
+        if log.isEnabledFor(logging.DEBUG):  # ``who`` is formatted only for a line shown
+            log.debug("delivered %s attempt=%d", attempt.who, attempt.number)
+        if attempt.summarised:
+            delivered_summary.add()
         return DELIVERED
     if outcome.kind is Kind.RETRY:
         metrics.record_retried(attempt.task, answer.status)

@@ -156,14 +156,20 @@ def relay_event(
 
 def _over_delivery_limit(app: TotangoCelery, request: Any) -> bool:
     """Redis only (RabbitMQ's quorum queue counts for itself): has this message been
-    delivered more than DELIVERY_LIMIT times, each ending with the worker dying on it?"""
+    delivered more than DELIVERY_LIMIT times, each ending with the worker dying on it?
+
+    Only a redelivery is counted: every way a message comes back from Redis's ``unacked``
+    marks it ``redelivered`` (kombu's restore), so a first delivery, nearly every one, costs
+    no round trip, and the count is of the deliveries after the first."""
     if app.settings.broker_kind != "redis" or not request.id:
         return False
+    if not (request.delivery_info or {}).get("redelivered"):
+        return False
     ttl = app.settings.visibility_timeout * (DELIVERY_LIMIT + 2)
-    count = count_delivery(
+    redeliveries = count_delivery(
         app.settings.broker_url, request.id, request.retries, ttl, deferrals=_deferrals(request)
     )
-    return count > DELIVERY_LIMIT
+    return redeliveries + 1 > DELIVERY_LIMIT
 
 
 def _deferrals(request: Any) -> int:
