@@ -127,17 +127,9 @@ def relay_batch(
     if admission is Admit.DEFER:
         # The gateway is down for the fleet: the whole message goes back as it came, its
         # events unsent and their budgets unspent; a batch that probes sends as usual.
-        deferrals = relay.header(request, DEFERRALS_HEADER)
-        task.signature_from_request(
-            request,
-            countdown=delay,
-            retries=request.retries,
-            headers={
-                FIRST_ATTEMPT_HEADER: first_attempt_at,
-                DEFERRALS_HEADER: (deferrals if isinstance(deferrals, int) else 0) + 1,
-            },
-            queue=BATCH_QUEUE,
-        ).apply_async(retry=True, retry_policy=PUBLISH_RETRY_POLICY)
+        relay.put_back_request(
+            task, request, delay, BATCH_QUEUE, {FIRST_ATTEMPT_HEADER: first_attempt_at}
+        )
         metrics.record_deferred(TRACK_BATCH)
         log.info(
             "batch task_id=%s events=%d deferred %.0fs: gateway outage", batch_id, len(items), delay

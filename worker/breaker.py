@@ -42,6 +42,11 @@ local function state(key)
   local f = redis.call('HMGET', key, 'failures', 'opened_at', 'until', 'probed_at')
   return {tostring(now), f[1] or '0', f[2] or '', f[3] or '0', f[4] or '0'}
 end
+local function answer(key, flag)
+  local s = state(key)
+  table.insert(s, 1, flag)
+  return s
+end
 """
 
 #: A call found the gateway down. ARGV: threshold, cooldown seconds (0: none). Opens the
@@ -67,9 +72,7 @@ if not redis.call('HGET', key, 'opened_at') and (failures >= tonumber(ARGV[1]) o
   opened = 1
 end
 redis.call('EXPIRE', key, tonumber(ARGV[3]))
-local s = state(key)
-table.insert(s, 1, opened)
-return s
+return answer(key, opened)
 """
 )
 
@@ -89,9 +92,7 @@ else
   redis.call('DEL', key)
   closed = opened or ''
 end
-local s = state(key)
-table.insert(s, 1, closed)
-return s
+return answer(key, closed)
 """
 )
 
@@ -112,21 +113,25 @@ if opened then
     leased = 1
   end
 end
-local s = state(key)
-table.insert(s, 1, leased)
-return s
+return answer(key, leased)
 """
 )
 
 READ_SCRIPT = _NOW + _STATE + "return state(KEYS[1])"
 
 
-def breaker_key(gateway_url: str) -> str:
-    """One breaker per gateway: its host and path (never its query, which may hold a
-    token), hashed with the full URL so two tokens on one host are two gateways."""
+def gateway_label(gateway_url: str) -> str:
+    """A gateway as keys, metrics and logs name it: its host and path, never its query
+    (which may hold a token) nor its credentials."""
     parts = urlsplit(gateway_url)
+    return f"{parts.netloc.rsplit('@', 1)[-1]}{parts.path}"
+
+
+def breaker_key(gateway_url: str) -> str:
+    """One breaker per gateway: its label, hashed with the full URL so two tokens on one
+    host are two gateways."""
     digest = hashlib.sha256(gateway_url.encode()).hexdigest()[:12]
-    return f"{KEY_PREFIX}{parts.netloc.rsplit('@', 1)[-1]}{parts.path}:{digest}"
+    return f"{KEY_PREFIX}{gateway_label(gateway_url)}:{digest}"
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 from worker import metrics, observability
-from worker.breaker import FleetBreaker, Reading
+from worker.breaker import FleetBreaker, Reading, gateway_label
 from worker.gateway import Answer
 from worker.outage import Admit, Breaker, cooldown, defer_delay, is_down, outage_summary
 from worker.settings import Settings
@@ -71,14 +70,10 @@ class Circuit:
         stale = at is None or self._monotonic() - at >= REFRESH
         if stale and self._lock.acquire(blocking=at is None):
             try:
-                self._read_at[url] = self._monotonic()
                 self._take(url, self.store.read(url))
             finally:
                 self._lock.release()
         return self._breakers.get(url, Breaker())
-
-    def is_open(self, url: str) -> bool:
-        return self.breaker(url).is_open
 
     # --- before a call ---------------------------------------------------------------------
 
@@ -169,7 +164,7 @@ class Circuit:
             self._offset = reading.now - self._monotonic()
         self._breakers[url] = breaker
         self._read_at[url] = self._monotonic()
-        metrics.set_breaker_open(_label(url), breaker.is_open)
+        metrics.set_breaker_open(gateway_label(url), breaker.is_open)
 
     def _started(self, url: str, reading: Reading, answer: Answer) -> None:
         breaker = reading.breaker
@@ -183,21 +178,17 @@ class Circuit:
         log.warning(
             "gateway outage started gateway=%s: %s; workers stop taking events and probe "
             "it every %gs",
-            _label(url),
+            gateway_label(url),
             why,
             self.settings.breaker_probe_interval,
         )
-        observability.alert_outage("started", _label(url), why, self.settings)
+        observability.alert_outage("started", gateway_label(url), why, self.settings)
 
     def _ended(self, url: str, opened_at: float, now: float) -> None:
         lasted = outage_summary(opened_at, now)
         log.warning(
-            "gateway outage ended gateway=%s after %s: events flow again", _label(url), lasted
+            "gateway outage ended gateway=%s after %s: events flow again",
+            gateway_label(url),
+            lasted,
         )
-        observability.alert_outage("ended", _label(url), f"after {lasted}", self.settings)
-
-
-def _label(url: str) -> str:
-    """The gateway as metrics and logs name it: its host and path, never its query."""
-    parts = urlsplit(url)
-    return f"{parts.netloc.rsplit('@', 1)[-1]}{parts.path}"
+        observability.alert_outage("ended", gateway_label(url), f"after {lasted}", self.settings)

@@ -16,7 +16,7 @@ from celery import Celery
 
 from worker import metrics, observability
 from worker.circuit import Circuit
-from worker.contract import ENQUEUED_AT_HEADER, FIRST_ATTEMPT_HEADER, QUEUE
+from worker.contract import DEFERRALS_HEADER, ENQUEUED_AT_HEADER, FIRST_ATTEMPT_HEADER, QUEUE
 from worker.deadletter import PUBLISH_RETRY_POLICY, dead_letter
 from worker.envelope import Envelope, iso_at
 from worker.gateway import Answer, Gateways
@@ -277,14 +277,14 @@ def admit(app: TotangoCelery, batch: list[Event]) -> tuple[Admit, float]:
     if app.circuit is None or not batch:
         return Admit.SEND, 0.0
     circuit = app.circuit.get()
-    verdict, delay = Admit.SEND, 0.0
+    verdict = Admit.SEND
     for url in dict.fromkeys(app.settings.gateway_for(event.service_id) for event in batch):
         admission, wait = circuit.admit(url)
         if admission is Admit.DEFER:
             return admission, wait
         if admission is Admit.PROBE:
             verdict = admission
-    return verdict, delay
+    return verdict, 0.0
 
 
 def report(app: TotangoCelery, event: Event, answer: Answer) -> float | None:
@@ -297,6 +297,27 @@ def report(app: TotangoCelery, event: Event, answer: Answer) -> float | None:
     if not circuit.report(url, answer):
         return None
     return circuit.deferral(url)
+
+
+def deferrals(request: Any) -> int:
+    """How many times this message was put back in an outage (a new copy each time)."""
+    value = header(request, DEFERRALS_HEADER)
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def put_back_request(
+    task: Any, request: Any, delay: float, queue: str, headers: dict[str, Any]
+) -> None:
+    """The same message again after ``delay``, with the same retry count and one deferral
+    more: Celery's own signature of the request, as ``Task.retry`` builds it, without
+    spending a retry. Published with confirms."""
+    task.signature_from_request(
+        request,
+        countdown=delay,
+        retries=request.retries,
+        headers={**headers, DEFERRALS_HEADER: deferrals(request) + 1},
+        queue=queue,
+    ).apply_async(retry=True, retry_policy=PUBLISH_RETRY_POLICY)
 
 
 def deferred(attempt: Attempt, delay: float, put_back: PutBack) -> str:

@@ -16,7 +16,6 @@ from celery import Task
 
 from worker import events, metrics, relay
 from worker.contract import (
-    DEFERRALS_HEADER,
     DELIVERY_LIMIT,
     ENQUEUED_AT_HEADER,
     FIRST_ATTEMPT_HEADER,
@@ -25,7 +24,7 @@ from worker.contract import (
     UPDATE_ACCOUNT,
     UPDATE_USER,
 )
-from worker.deadletter import PUBLISH_RETRY_POLICY, dead_letter
+from worker.deadletter import dead_letter
 from worker.envelope import Envelope, event_id_of
 from worker.errors import DeliveryFailed, InvalidEvent
 from worker.gateway import Answer
@@ -113,18 +112,11 @@ def relay_event(
     attempt = relay.current_attempt(name, event, kwargs, request)
 
     def put_back(attempt: relay.Attempt, delay: float) -> None:
-        # The same message again, after ``delay``, with the same retry count: Celery's own
-        # signature of this request, as Task.retry builds it, without spending a retry.
-        headers = {
-            FIRST_ATTEMPT_HEADER: attempt.first_attempt,
-            DEFERRALS_HEADER: _deferrals(request) + 1,
-        }
+        headers = {FIRST_ATTEMPT_HEADER: attempt.first_attempt}
         enqueued_at = relay.header(request, ENQUEUED_AT_HEADER)
         if enqueued_at is not None:
             headers[ENQUEUED_AT_HEADER] = enqueued_at
-        task.signature_from_request(
-            request, countdown=delay, retries=request.retries, headers=headers, queue=QUEUE
-        ).apply_async(retry=True, retry_policy=PUBLISH_RETRY_POLICY)
+        relay.put_back_request(task, request, delay, QUEUE, headers)
 
     admission, delay = relay.admit(app, [event])
     if admission is Admit.DEFER:
@@ -167,12 +159,10 @@ def _over_delivery_limit(app: TotangoCelery, request: Any) -> bool:
         return False
     ttl = app.settings.visibility_timeout * (DELIVERY_LIMIT + 2)
     redeliveries = count_delivery(
-        app.settings.broker_url, request.id, request.retries, ttl, deferrals=_deferrals(request)
+        app.settings.broker_url,
+        request.id,
+        request.retries,
+        ttl,
+        deferrals=relay.deferrals(request),
     )
     return redeliveries + 1 > DELIVERY_LIMIT
-
-
-def _deferrals(request: Any) -> int:
-    """How many times this message was put back in an outage (a new copy each time)."""
-    value = relay.header(request, DEFERRALS_HEADER)
-    return value if isinstance(value, int) and value >= 0 else 0
