@@ -11,9 +11,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from subprocess import Popen
+from typing import TypeVar
 
 import pytest
 
@@ -31,6 +33,7 @@ from worker.outage import Admit
 from worker.settings import Settings
 
 GATEWAY = "https://sdr.totango.com/pixel.gif"
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -46,6 +49,20 @@ def fleet(breaker_url: str) -> Iterator[FleetBreaker]:
     store.close()
 
 
+def at_once(workers: int, call: Callable[[], T]) -> list[T]:
+    """``call`` from ``workers`` threads released together (as from a fleet); the results
+    are gathered in this thread, so a failure in one of them fails the test."""
+    start = threading.Barrier(workers)
+
+    def run() -> T:
+        start.wait()
+        return call()
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(run) for _ in range(workers)]
+        return [future.result() for future in futures]
+
+
 def answer(status: str, retry_after: str | None = None, reset: str | None = None) -> Answer:
     return Answer(status, retry_after, "", 0.01, "GET", rate_limit_reset=reset)
 
@@ -55,21 +72,11 @@ def test_the_threshold_opens_it_exactly_once_across_concurrent_workers(
 ) -> None:
     """60 failures reported at once from 12 threads (as from a fleet) open the breaker
     once: exactly one report says it opened it."""
-    flags: list[str] = []
-    lock = threading.Lock()
-
-    def report() -> None:
-        for _ in range(5):
-            reading = fleet.failed(GATEWAY, threshold=20, cooldown=None)
-            assert reading is not None
-            with lock:
-                flags.append(reading.flag)
-
-    threads = [threading.Thread(target=report) for _ in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    readings = at_once(
+        12, lambda: [fleet.failed(GATEWAY, threshold=20, cooldown=None) for _ in range(5)]
+    )
+    flags = [r.flag for batch in readings for r in batch if r is not None]
+    assert len(flags) == 60, "every report reached the store"
     assert flags.count("1") == 1
     reading = fleet.read(GATEWAY)
     assert reading is not None
@@ -134,18 +141,9 @@ def test_one_probe_lease_per_interval_across_workers(fleet: FleetBreaker) -> Non
     assert early is not None
     assert early.flag == "0", "the first probe comes an interval after"
     time.sleep(0.55)
-    results: list[str] = []
-
-    def ask() -> None:
-        reading = fleet.lease_probe(GATEWAY, interval=0.5)
-        assert reading is not None
-        results.append(reading.flag)
-
-    threads = [threading.Thread(target=ask) for _ in range(10)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    readings = at_once(10, lambda: fleet.lease_probe(GATEWAY, interval=0.5))
+    results = [r.flag for r in readings if r is not None]
+    assert len(results) == 10, "every worker's request reached the store"
     assert results.count("1") == 1
 
 
