@@ -120,6 +120,47 @@ def test_an_unreachable_store_fails_open_and_counts() -> None:
     assert sample("totango_state_errors_total", op="record") == records + 1
 
 
+def test_a_record_sent_without_waiting_is_seen_by_the_next_check_and_sent_at_close(
+    store_url: str,
+) -> None:
+    """record_later() returns at once; a check queued after it, from another thread of
+    the process, already finds the id (one connection, in order); close() sends what is
+    still queued before the process would exit."""
+    store = StateStore(store_url, ttl=600)
+    client = redis.Redis.from_url(store_url)
+    found: list[set[str] | None] = []
+    try:
+        store.record_later(["later-a", "later-b"])
+        checker = threading.Thread(target=lambda: found.append(store.delivered(["later-a"])))
+        checker.start()
+        checker.join(10)
+        assert found == [{"later-a"}]
+        store.record_later(["at-close"])
+        store.close()
+        assert client.exists(delivered_key("at-close")) == 1
+        assert 590 <= client.ttl(delivered_key("later-b")) <= 600
+    finally:
+        client.close()
+        store.close()
+
+
+def test_a_record_sent_without_waiting_to_an_unreachable_store_is_counted() -> None:
+    """The round trip of a record nobody waits for fails on the flusher's thread: the
+    failure is counted as op="record" for each id and the store is left alone for a while
+    (the next check is skipped and counted), with no exception for the caller."""
+    store = StateStore(f"redis://127.0.0.1:{free_port()}/0", ttl=600)
+    records = sample("totango_state_errors_total", op="record")
+    checks = sample("totango_state_errors_total", op="check")
+    try:
+        store.record_later(["x", "y"])
+        store.close()  # waits for the flusher: the failed round trip has been reported
+        assert sample("totango_state_errors_total", op="record") == records + 2
+        assert store.delivered(["x"]) is None
+        assert sample("totango_state_errors_total", op="check") == checks + 1
+    finally:
+        store.close()
+
+
 # --- the tasks -----------------------------------------------------------------------------
 
 

@@ -212,9 +212,10 @@ def note_superseded(attempt: Attempt, plan: Plan) -> None:
 
 
 def finish(app: TotangoCelery, sent: list[tuple[Plan, Answer]]) -> None:
-    """One round trip after the calls, before the message is acknowledged: record the ids
-    delivered (a copy that comes later is suppressed), and send again any newer value that
-    was claimed while one of these calls was in flight (it may have landed after it)."""
+    """One round trip after the calls: record the ids delivered (a copy that comes later is
+    suppressed), and send again any newer value that was claimed while one of these calls
+    was in flight (it may have landed after it). Without claims nothing comes back to act
+    on, and the records are sent without waiting (``StateStore.record_later``)."""
     store = app.state_store
     if store is None or not sent:
         return

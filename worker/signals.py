@@ -22,7 +22,7 @@ from worker.envelope import Envelope, event_id_of
 from worker.errors import ConfigError
 from worker.gateway import check_gateway
 from worker.settings import Settings
-from worker.state import StateStore, redacted
+from worker.state import StateStore, close_all, redacted
 from worker.topology import ForeignDeclaration, Topology, discover
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ def connect() -> None:
     signals.worker_process_shutdown.connect(
         on_worker_process_shutdown, dispatch_uid="totango.worker_process_shutdown"
     )
+    signals.worker_shutdown.connect(on_worker_shutdown, dispatch_uid="totango.worker_shutdown")
     signals.task_failure.connect(on_task_failure, dispatch_uid="totango.task_failure")
     # Outside the task body: no task_failure follows.
     signals.task_internal_error.connect(on_task_failure, dispatch_uid="totango.internal_error")
@@ -169,6 +170,12 @@ def on_worker_process_shutdown(pid: int | None = None, **_: Any) -> None:
     # are dropped at the next scrape instead (metrics._LiveProcessesCollector).
     if pid is not None:
         metrics.forget_process(pid)
+    close_all()  # delivery records still queued go out before the child exits
+
+
+def on_worker_shutdown(**_: Any) -> None:
+    # The threads pool's tasks have finished: their delivery records still queued go out.
+    close_all()
 
 
 def on_task_failure(

@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -141,13 +142,33 @@ Queueing = Callable[["redis.client.Pipeline"], object]
 
 
 class _Request:
-    __slots__ = ("done", "error", "queue", "results")
+    """Commands for one round trip, and what came back. A caller that waits holds
+    ``finished`` until the flusher releases it (a plain lock: the cheapest hand-off between
+    two threads, with no Python code in the wait); a request nobody waits for gets
+    ``on_error`` instead, called on the flusher's thread if its round trip failed."""
 
-    def __init__(self, queue: Queueing) -> None:
+    __slots__ = ("error", "finished", "on_error", "queue", "results")
+
+    def __init__(
+        self, queue: Queueing, on_error: Callable[[Exception], None] | None = None
+    ) -> None:
         self.queue = queue
-        self.done = threading.Event()
+        self.on_error = on_error
+        self.finished = threading.Lock()
+        if on_error is None:
+            self.finished.acquire()  # released by ``end``
         self.results: list[Any] = []
         self.error: Exception | None = None
+
+    def end(self, results: list[Any], error: Exception | None) -> None:
+        self.results, self.error = results, error
+        if self.on_error is None:
+            self.finished.release()
+        elif error is not None:
+            try:
+                self.on_error(error)
+            except Exception:  # the flusher must outlive a bad callback
+                log.exception("reporting a failed state store request")
 
 
 class Pipeliner:
@@ -170,17 +191,27 @@ class Pipeliner:
         request = _Request(queue_commands)
         self._start()
         self._requests.put(request)
-        if not request.done.wait(WAIT_TIMEOUT):
+        if not request.finished.acquire(timeout=WAIT_TIMEOUT):
             raise redis.TimeoutError(f"no answer from the state store in {WAIT_TIMEOUT:g}s")
         if request.error is not None:
             raise request.error
         return request.results
 
-    def close(self) -> None:
+    def post(self, queue_commands: Queueing, on_error: Callable[[Exception], None]) -> None:
+        """Queue the commands without waiting for their answers: they go in the next round
+        trip, after every request queued before them (so a later ``run`` from any thread
+        of this process sees their effect); ``on_error`` is called if they fail."""
+        self._start()
+        self._requests.put(_Request(queue_commands, on_error))
+
+    def close(self, timeout: float = WAIT_TIMEOUT) -> None:
+        """Send what is queued, then stop the flusher; waits up to ``timeout`` for it."""
         with self._lock:
-            if self._thread is not None:
+            thread, self._thread = self._thread, None
+            if thread is not None:
                 self._requests.put(None)
-                self._thread = None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def _start(self) -> None:
         if self._thread is not None:
@@ -218,8 +249,7 @@ class Pipeliner:
             try:
                 request.queue(pipe)
             except Exception as exc:  # noqa: BLE001  the caller's own mistake, its own error
-                request.error = exc
-                request.done.set()
+                request.end([], exc)
                 continue
             spans.append((before, len(pipe.command_stack)))
             queued.append(request)
@@ -227,16 +257,11 @@ class Pipeliner:
             answers = pipe.execute(raise_on_error=False) if queued else []
         except Exception as exc:  # noqa: BLE001  every caller of this round trip fails open
             for request in queued:
-                request.error = exc
-                request.done.set()
+                request.end([], exc)
             return
         for request, (start, end) in zip(queued, spans, strict=True):
             results = answers[start:end]
-            failed = next((r for r in results if isinstance(r, Exception)), None)
-            if failed is not None:
-                request.error = failed
-            request.results = results
-            request.done.set()
+            request.end(results, next((r for r in results if isinstance(r, Exception)), None))
 
 
 class StateStore:
@@ -255,6 +280,7 @@ class StateStore:
         self._check = self._client.register_script(CHECK_SCRIPT)
         self._finish = self._client.register_script(FINISH_SCRIPT)
         self._pipeliner = Pipeliner(self._client)
+        _open.add(self)
         self._lock = threading.Lock()
         self._skip_until = 0.0
         self._errors_since_log = 0
@@ -298,15 +324,34 @@ class StateStore:
         if self._skipping():
             metrics.record_state_error("record", len(event_ids))
             return False
-        stamp = f"{time.time():.3f}"
         try:
-            self._pipeliner.run(
-                lambda pipe: [pipe.set(delivered_key(e), stamp, ex=self.ttl) for e in event_ids]
-            )
+            self._pipeliner.run(self._recording(event_ids))
         except redis.RedisError as exc:
             self._failed("record", len(event_ids), exc)
             return False
         return True
+
+    def record_later(self, event_ids: Sequence[str]) -> None:
+        """``record`` without waiting for the store's answer: the ids go in the next round
+        trip, and a failure is counted and logged from the flusher's thread. The caller's
+        message is acknowledged meanwhile; a copy checked by this process later still sees
+        them (one connection, in order)."""
+        if not event_ids:
+            return
+        if self._skipping():
+            metrics.record_state_error("record", len(event_ids))
+            return
+        count = len(event_ids)
+
+        def failed(exc: Exception) -> None:
+            self._failed("record", count, exc)
+
+        self._pipeliner.post(self._recording(event_ids), failed)
+
+    def _recording(self, event_ids: Sequence[str]) -> Queueing:
+        stamp = f"{time.time():.3f}"
+        ttl = self.ttl
+        return lambda pipe: [pipe.set(delivered_key(e), stamp, ex=ttl) for e in event_ids]
 
     def check(
         self, event_ids: Sequence[str], claims: Sequence[tuple[str, Claim]], *, dedup: bool = True
@@ -341,9 +386,12 @@ class StateStore:
     def finish(self, delivered: Sequence[str], claims: Sequence[Claim]) -> list[Claim] | None:
         """One round trip after the calls: record ``delivered`` and return the claims
         that replaced any of ``claims`` while their calls were in flight. ``None`` when
-        the store cannot be reached (the ids stay unrecorded; nothing is repaired)."""
+        the store cannot be reached (the ids stay unrecorded; nothing is repaired).
+        Without claims there is nothing to wait for: the ids are recorded without waiting
+        (``record_later``), and the answer is ``[]``."""
         if not claims:
-            return [] if self.record(delivered) else None
+            self.record_later(delivered)
+            return []
         if self._skipping():
             metrics.record_state_error("record", len(delivered) or 1)
             return None
@@ -373,8 +421,10 @@ class StateStore:
             return False
 
     def close(self) -> None:
+        """Send what is queued (``record_later``), then close the connection."""
         self._pipeliner.close()
         self._client.close()
+        _open.discard(self)
 
     def _skipping(self) -> bool:
         return time.monotonic() < self._skip_until
@@ -395,6 +445,16 @@ class StateStore:
             exc,
             errors,
         )
+
+
+#: This process's stores, so that a process that exits cleanly sends what is queued first.
+_open: weakref.WeakSet[StateStore] = weakref.WeakSet()
+
+
+def close_all() -> None:
+    """Close every store of this process (the worker's shutdown signals call this)."""
+    for store in list(_open):
+        store.close()
 
 
 def _hash_slots(claims: Sequence[Claim], *, after: int) -> tuple[dict[Entity, int], list[int]]:
