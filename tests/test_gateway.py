@@ -32,6 +32,7 @@ from worker.gateway import (
     proxy_for,
     tls_context,
 )
+from worker.observability import CELERY_PER_TASK_LOGGERS, configure_logging
 from worker.settings import Settings
 
 SERVICE_ID = "SP-1234-56"
@@ -426,3 +427,24 @@ def test_check_gateway_builds_every_mapped_gateway(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         check_gateway(settings, env={"REQUESTS_CA_BUNDLE": str(bad)})
     assert info.value.variable == "REQUESTS_CA_BUNDLE"
+
+
+def test_at_debug_no_log_line_carries_the_query_string(
+    client: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the worker's logging at DEBUG (TOTANGO_LOG_LEVEL=DEBUG), a call logs nothing
+    from urllib3: its request line holds the whole query, with the user's e-mail address."""
+    root, pool = logging.getLogger(), logging.getLogger("urllib3")
+    touched = [root, pool, *map(logging.getLogger, CELERY_PER_TASK_LOGGERS)]
+    levels = [logger.level for logger in touched]
+    try:
+        configure_logging("DEBUG")
+        with caplog.at_level(logging.DEBUG):
+            assert client.send(event()).status == "200"
+        leaked = [r.getMessage() for r in caplog.records if "jane" in r.getMessage()]
+        assert leaked == []
+        assert not pool.isEnabledFor(logging.DEBUG)
+        assert pool.isEnabledFor(logging.WARNING)
+    finally:
+        for logger, level in zip(touched, levels, strict=True):
+            logger.setLevel(level)

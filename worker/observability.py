@@ -25,6 +25,11 @@ log = logging.getLogger("worker")
 #: relayed event's CPU (py-spy). Shown at DEBUG only; their warnings and errors still show.
 CELERY_PER_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace", "celery.worker.request")
 
+#: urllib3's connection pool logs each request line at DEBUG, query string and all: the
+#: gateway's parameters carry account and user ids, attributes and e-mail addresses. Its
+#: warnings (a retry, a full pool) still show at any level.
+URLLIB3_LOGGER = "urllib3"
+
 #: An email address, also percent-encoded (``%40``) as it is inside a gateway URL.
 _EMAIL_RE = re.compile(r"[\w.+%-]+(?:@|%40)[\w-]+(?:\.[\w-]+)+", re.IGNORECASE)
 
@@ -43,6 +48,7 @@ def configure_logging(level: str) -> None:
     quiet = logging.NOTSET if logging.getLevelName(level) == logging.DEBUG else logging.WARNING
     for name in CELERY_PER_TASK_LOGGERS:
         logging.getLogger(name).setLevel(quiet)
+    logging.getLogger(URLLIB3_LOGGER).setLevel(logging.WARNING)  # even at DEBUG
 
 
 #: Seconds between two summary lines of the single events delivered (``DeliveredSummary``).
