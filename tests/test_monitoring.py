@@ -57,6 +57,8 @@ BOUNDED_LABELS = {
     "vhost",
     "namespace",
     "app_kubernetes_io_component",
+    "op",
+    "gateway",
 }
 #: Grafana's own variables, usable in any query.
 GRAFANA_VARIABLES = {"__rate_interval", "__interval", "__range"}
@@ -392,7 +394,9 @@ def test_rate_panels_keep_only_bounded_labels() -> None:
 def test_the_dashboard_has_the_panels_operators_need() -> None:
     """The panels the operators asked for query what they say: delivered by task, retries by
     reason, dead letters by reason, latency p50/p99 from the histogram, in flight against
-    capacity, queue depth of the three queues on each broker, queue wait, and pods up."""
+    capacity, queue depth of the three queues on each broker, queue wait, pods up, and
+    effectively once: the breaker by gateway, deferred, duplicates suppressed and superseded
+    events by task, and state store errors by operation."""
     wanted = {
         "totango_events_delivered_total": "task",
         "totango_events_retried_total": "reason",
@@ -403,6 +407,11 @@ def test_the_dashboard_has_the_panels_operators_need() -> None:
         "rabbitmq_detailed_queue_messages": "queue",
         "redis_key_size": "key",
         "up": "app_kubernetes_io_component",
+        "totango_gateway_breaker_open": "gateway",
+        "totango_events_deferred_total": "task",
+        "totango_events_duplicates_suppressed_total": "task",
+        "totango_events_superseded_total": "task",
+        "totango_state_errors_total": "op",
     }
     for metric, label in wanted.items():
         exprs = [e for e in dashboard_exprs() if metric in metric_names(e)]
@@ -430,7 +439,7 @@ def test_exporter_metrics_are_all_used_and_none_is_the_workers() -> None:
     listed = exporter_metrics()
     assert set(listed) <= set(used), set(listed) - set(used)
     assert not any(name.startswith(WORKER_PREFIX) for name in listed)
-    known = TARGET_LABELS | {"task", "reason", "status", "method", "le", "gateway"}
+    known = TARGET_LABELS | {"task", "reason", "status", "method", "le", "gateway", "op"}
     known |= {label for labels in listed.values() for label in labels}
     for expr in [*dashboard_exprs(), *(r["expr"] for r in alerts().values())]:
         named = grouping_labels(expr) | matcher_labels(expr)

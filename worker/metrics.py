@@ -163,6 +163,27 @@ def _child(name: str, value: str) -> Any:
     return child
 
 
+#: Counters by task that the dashboard shows, and the state store's operations: created at
+#: 0 when the worker starts (``start_at_zero``), so that a panel or a ``rate()`` shows 0, not
+#: "no data", until the first one happens.
+_AT_ZERO_BY_TASK = (
+    "delivered",
+    "duplicates_suppressed",
+    "superseded",
+    "attributes_superseded",
+    "deferred",
+)
+STATE_OPS = ("check", "record", "breaker")
+
+
+def start_at_zero(tasks: Iterable[str]) -> None:
+    for task in tasks:
+        for name in _AT_ZERO_BY_TASK:
+            _child(name, task)
+    for op in STATE_OPS:
+        _child("state_errors", op)
+
+
 def record_answer(status: str, method: str, elapsed: float) -> None:
     _child("responses", status).inc()
     _child("latency", method).observe(elapsed)

@@ -16,7 +16,14 @@ from celery import signals
 from celery.exceptions import TimeLimitExceeded
 
 from worker import metrics, observability
-from worker.contract import EXCHANGE, VHOST_QUORUM
+from worker.contract import (
+    EXCHANGE,
+    TRACK_ACTIVITY,
+    TRACK_BATCH,
+    UPDATE_ACCOUNT,
+    UPDATE_USER,
+    VHOST_QUORUM,
+)
 from worker.deadletter import dead_letter
 from worker.envelope import Envelope, event_id_of
 from worker.errors import ConfigError
@@ -160,6 +167,7 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
         sys.stderr.write(f"totango-worker: PROMETHEUS_MULTIPROC_DIR unusable: {exc}\n")
         raise SystemExit(2) from None
     metrics.start_metrics_server(settings.metrics_port)
+    metrics.start_at_zero((TRACK_ACTIVITY, UPDATE_ACCOUNT, UPDATE_USER, TRACK_BATCH))
     for topology in _found:
         for queue, missing in topology.missing().items():
             metrics.record_queue_guarantees(queue, topology.designs[queue], missing)
