@@ -261,3 +261,18 @@ def test_a_malformed_batch_is_dead_lettered_whole(
     assert envelope.reason == "invalid:events"
     assert envelope.kwargs == {"events": "nope"}
     assert gateway.calls() == []
+
+
+def test_a_throttle_lets_one_through_per_interval_and_counts_the_rest() -> None:
+    """The first happening passes at once; the next ones are held back until ``interval``
+    has passed, and the one that passes then carries the count since (itself included)
+    and the seconds since the last one that passed."""
+    clock = [0.0]
+    throttle = observability.Throttle(60.0, clock=lambda: clock[0])
+    assert throttle.passes() == (1, None)
+    assert throttle.passes() is None
+    clock[0] = 59.9
+    assert throttle.passes() is None
+    clock[0] = 60.0
+    assert throttle.passes() == (3, 60.0)
+    assert throttle.passes() is None

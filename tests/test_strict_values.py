@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from totango_emulator import GatewayEmulator
-from worker import relay
+from worker import observability, relay
 from worker.application import TotangoCelery
 from worker.client import Producer
 from worker.contract import TRACK_ACTIVITY, TRACK_BATCH, UPDATE_ACCOUNT, UPDATE_USER
@@ -251,7 +251,7 @@ def counted(name: str) -> float:
 def warning_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The unexpected-body warning with a clock of the test's own: ``clock[0]`` is now."""
     clock = [0.0]
-    fresh = relay.RateLimitedWarning(60.0, clock=lambda: clock[0])
+    fresh = observability.RateLimitedWarning(relay.log, 60.0, clock=lambda: clock[0])
     monkeypatch.setattr(relay, "unexpected_body_warning", fresh)
     return clock
 

@@ -55,14 +55,40 @@ def configure_logging(level: str) -> None:
 DELIVERED_SUMMARY_INTERVAL = 60.0
 
 
-class DeliveredSummary:
-    """One INFO line for many deliveries: each delivery is counted, and the count since the
-    last line is logged with the first delivery after ``interval`` seconds (and with the
-    first delivery after start, so a fresh worker shows at once that calls go through).
+class Throttle:
+    """Lets one of many happenings through every ``interval`` seconds, the first one at
+    once, and counts the others in between; thread-safe. One line for many: a line per
+    event from 128 threads queues them all on the stream handler's lock."""
 
-    A line per delivered event, 128 threads queueing on the stream handler's lock for it,
-    was a tenth of a single event's CPU (docs/benchmarks.md); each delivery's own line is
-    logged at DEBUG. Retries, dead letters and suppressed events keep a line each.
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: float | None = None
+        self._count = 0
+
+    def passes(self) -> tuple[int, float | None] | None:
+        """Count one happening. ``None`` while it is held back; else how many happened
+        since the last one let through (this one included) and the seconds since that one
+        (``None`` for the first)."""
+        with self._lock:
+            self._count += 1
+            now = self._clock()
+            last = self._last
+            if last is not None and now - last < self.interval:
+                return None
+            count, self._count, self._last = self._count, 0, now
+        return count, None if last is None else now - last
+
+
+class DeliveredSummary:
+    """One INFO line for many deliveries: the count since the last line, logged with the
+    first delivery after ``interval`` seconds (and with the first delivery after start, so a
+    fresh worker shows at once that calls go through).
+
+    A line per delivered event was a tenth of a single event's CPU (docs/benchmarks.md);
+    each delivery's own line is logged at DEBUG. Retries, dead letters and suppressed
+    events keep a line each.
     """
 
     def __init__(
@@ -71,29 +97,44 @@ class DeliveredSummary:
         interval: float = DELIVERED_SUMMARY_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.interval = interval
         self._logger = logger
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._last: float | None = None
-        self._count = 0
+        self._throttle = Throttle(interval, clock)
 
     def add(self) -> bool:
         """Count one delivery; True when the summary line was logged with it."""
-        with self._lock:
-            self._count += 1
-            now = self._clock()
-            last = self._last
-            if last is not None and now - last < self.interval:
-                return False
-            count, self._count, self._last = self._count, 0, now
-        if last is None:
+        passed = self._throttle.passes()
+        if passed is None:
+            return False
+        count, since = passed
+        if since is None:
             self._logger.info(
                 "delivered the first event since start; a summary follows every %gs",
-                self.interval,
+                self._throttle.interval,
             )
         else:
-            self._logger.info("delivered %d events in the last %.0fs", count, now - last)
+            self._logger.info("delivered %d events in the last %.0fs", count, since)
+        return True
+
+
+class RateLimitedWarning:
+    """A warning logged at most once per ``interval`` seconds in a process, saying how many
+    were held back since: one proxy page per event must not flood the logs."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._throttle = Throttle(interval, clock)
+
+    def warn(self, message: str, *args: object) -> bool:
+        """Log now, or count it for the next line; True when it was logged."""
+        passed = self._throttle.passes()
+        if passed is None:
+            return False
+        self._logger.warning(message + " (%d more since the last warning)", *args, passed[0] - 1)
         return True
 
 

@@ -5,7 +5,6 @@ one outcome decision (``worker.outcome``): count a delivery, publish a retry, or
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -108,31 +107,8 @@ def current_attempt(task: str, event: Event, kwargs: dict[str, Any], request: An
     )
 
 
-class RateLimitedWarning:
-    """A warning logged at most once per ``interval`` seconds in a process, saying how many
-    were held back since: one proxy page per event must not flood the logs."""
-
-    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = interval
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._last: float | None = None
-        self._held_back = 0
-
-    def warn(self, message: str, *args: object) -> bool:
-        """Log now, or count it for the next line; True when it was logged."""
-        with self._lock:
-            now = self._clock()
-            if self._last is not None and now - self._last < self.interval:
-                self._held_back += 1
-                return False
-            held_back, self._held_back, self._last = self._held_back, 0, now
-        log.warning(message + " (%d more since the last warning)", *args, held_back)
-        return True
-
-
 #: A 200 that is not the GIF: once a minute at most, per process.
-unexpected_body_warning = RateLimitedWarning(60.0)
+unexpected_body_warning = observability.RateLimitedWarning(log, 60.0)
 #: The single events delivered: one INFO line a minute with their count.
 delivered_summary = observability.DeliveredSummary(log)
 
