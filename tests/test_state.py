@@ -5,7 +5,9 @@ store's fail-open behaviour, and a replay that skips what was delivered."""
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -20,7 +22,14 @@ from worker.deadletter import browse, pause_before, publish, replay
 from worker.envelope import HOSTNAME, Envelope
 from worker.errors import ConfigError
 from worker.settings import Settings
-from worker.state import KEY_PREFIX, Pipeliner, StateStore, delivered_key, redacted
+from worker.state import (
+    KEY_PREFIX,
+    RETRY_AFTER,
+    Pipeliner,
+    StateStore,
+    delivered_key,
+    redacted,
+)
 
 REDIS = "redis://127.0.0.1:6379/3"
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
@@ -118,6 +127,25 @@ def test_an_unreachable_store_fails_open_and_counts() -> None:
         store.close()
     assert sample("totango_state_errors_total", op="check") == checks + 2
     assert sample("totango_state_errors_total", op="record") == records + 1
+
+
+def test_an_unreachable_store_is_warned_about_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first failed round trip is logged at once, with the count since the last
+    warning; the next ones within LOG_EVERY are counted, not logged."""
+    caplog.set_level(logging.WARNING, logger="worker.state")
+    store = StateStore(f"redis://127.0.0.1:{free_port()}/0", ttl=600)
+    try:
+        assert store.delivered(["a"]) is None
+        time.sleep(RETRY_AFTER)  # the store is asked again
+        assert store.delivered(["b"]) is None
+    finally:
+        store.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "worker.state"]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("state store unreachable (check: ")
+    assert lines[0].endswith("(1 failed round trips since the last warning)")
 
 
 def test_a_record_sent_without_waiting_is_seen_by_the_next_check_and_sent_at_close(

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from worker import metrics
+from worker import metrics, observability
 from worker.newest import Claim, Entity
 from worker.settings import Settings
 
@@ -281,10 +281,8 @@ class StateStore:
         self._finish = self._client.register_script(FINISH_SCRIPT)
         self._pipeliner = Pipeliner(self._client)
         _open.add(self)
-        self._lock = threading.Lock()
         self._skip_until = 0.0
-        self._errors_since_log = 0
-        self._logged_at = 0.0
+        self._warning = observability.Throttle(LOG_EVERY)
 
     @classmethod
     def for_settings(cls, settings: Settings) -> StateStore:
@@ -431,19 +429,16 @@ class StateStore:
 
     def _failed(self, op: str, events: int, exc: Exception) -> None:
         metrics.record_state_error(op, events)
-        now = time.monotonic()
-        with self._lock:
-            self._skip_until = now + RETRY_AFTER
-            self._errors_since_log += 1
-            if now - self._logged_at < LOG_EVERY:
-                return
-            errors, self._errors_since_log, self._logged_at = self._errors_since_log, 0, now
+        self._skip_until = time.monotonic() + RETRY_AFTER
+        passed = self._warning.passes()
+        if passed is None:
+            return
         log.warning(
             "state store unreachable (%s: %s); events are sent unchecked, duplicates possible "
             "(%d failed round trips since the last warning)",
             op,
             exc,
-            errors,
+            passed[0],
         )
 
 
