@@ -46,6 +46,8 @@ class Call:
     headers: dict[str, str] = field(compare=False)
     #: The request target as sent (path and query): where a POST put its parameters.
     target: str = field(default="", compare=False)
+    #: The client's port: calls with one port came over one (kept-alive) connection.
+    client_port: int = field(default=0, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -294,6 +296,8 @@ class GatewayEmulator:
         headers: dict[str, str],
         too_long: bool = False,
         target: str = "",
+        *,
+        client_port: int = 0,
     ) -> tuple[Response, str | None]:
         params = tuple(parse_qsl(raw, keep_blank_values=True))
         with self._lock:
@@ -309,7 +313,7 @@ class GatewayEmulator:
                     response, retry_after = rule.responses.pop(0), rule.retry_after
                     if not rule.responses:
                         self._rules.remove(rule)
-            call = Call(method, params, raw, response, time.time(), headers, target)
+            call = Call(method, params, raw, response, time.time(), headers, target, client_port)
             self._calls.append(call)
         return response, retry_after
 
@@ -438,7 +442,9 @@ class _Handler(BaseHTTPRequestHandler):
         emulator = self.server.emulator
         headers = dict(self.headers.items())
         emulator._transit(raw)
-        response, retry_after = emulator._decide(method, raw, headers, too_long, self.path)
+        response, retry_after = emulator._decide(
+            method, raw, headers, too_long, self.path, client_port=self.client_address[1]
+        )
         emulator._open.wait(emulator.max_hold)
         if response == "reset":
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
