@@ -247,6 +247,16 @@ def test_unknown_choice_is_refused(variable: str, value: str) -> None:
     assert config_error({variable: value}).variable == variable
 
 
+@pytest.mark.parametrize("pool", ["gevent", "eventlet"])
+def test_a_green_thread_pool_is_refused_with_the_reason(pool: str) -> None:
+    """gevent and eventlet cannot yield from a libcurl call: one call would stall every
+    green thread of the process, so the setting is refused with that reason."""
+    error = config_error({"TOTANGO_POOL": pool})
+    assert error.variable == "TOTANGO_POOL"
+    assert "libcurl" in error.reason
+    assert "use threads" in error.reason
+
+
 # --- delays against the broker's limits -----------------------------------------------------
 
 

@@ -126,8 +126,15 @@ class Settings:
         if method not in {"GET", "POST"}:
             raise ConfigError("TOTANGO_HTTP_METHOD", "must be GET or POST")
         pool = e.get("TOTANGO_POOL", d.pool)
-        if pool not in {"threads", "prefork", "solo", "gevent", "eventlet"}:
-            raise ConfigError("TOTANGO_POOL", "must be threads, prefork, solo, gevent or eventlet")
+        if pool in {"gevent", "eventlet"}:
+            raise ConfigError(
+                "TOTANGO_POOL",
+                f"{pool} is not supported: the gateway's calls are made by libcurl, which no "
+                "green thread can yield from, so one call would stall the whole process; use "
+                "threads",
+            )
+        if pool not in {"threads", "prefork", "solo"}:
+            raise ConfigError("TOTANGO_POOL", "must be threads, prefork or solo")
         broker_url = e.get("TOTANGO_BROKER_URL", d.broker_url)
         broker_kind(broker_url)
         settings = cls(
