@@ -1,5 +1,5 @@
 """worker/gateway.py over real loopback HTTP(S): the gateway emulator (or a small TLS server
-with a certificate made here) stands in for Totango; nothing patches urllib3.
+with a certificate made here) stands in for Totango; nothing patches libcurl.
 
 Each test builds its settings from a plain dict and a ``Gateway`` of its own.
 """
@@ -28,7 +28,6 @@ from worker.gateway import (
     Gateways,
     ca_bundle,
     check_gateway,
-    pool_size,
     proxy_for,
     tls_context,
 )
@@ -64,7 +63,10 @@ def emulator() -> Iterator[GatewayEmulator]:
 
 @pytest.fixture
 def client(emulator: GatewayEmulator) -> Iterator[Gateway]:
-    gateway = Gateway(settings_for(f"{emulator.url}/pixel.gif", TOTANGO_READ_TIMEOUT="1"), env={})
+    settings = settings_for(
+        f"{emulator.url}/pixel.gif", TOTANGO_CONNECT_TIMEOUT="0.5", TOTANGO_READ_TIMEOUT="1"
+    )
+    gateway = Gateway(settings, env={})
     yield gateway
     gateway.close()
 
@@ -86,8 +88,8 @@ def test_a_get_carries_the_event_and_the_user_agent_and_a_200_is_delivered(
 def test_a_query_too_long_for_a_url_is_posted_as_a_form_with_the_user_agent(
     emulator: GatewayEmulator,
 ) -> None:
-    """Past TOTANGO_MAX_URL_LENGTH the call is a POST form; urllib3 replaces the pool's
-    headers with a call's own, so the User-Agent must still be there."""
+    """Past TOTANGO_MAX_URL_LENGTH the call is a POST form, with the User-Agent of a GET and
+    no ``Expect: 100-continue`` (libcurl's default for a body, one round trip more)."""
     settings = settings_for(f"{emulator.url}/pixel.gif", TOTANGO_MAX_URL_LENGTH="256")
     sent = event(user_attributes={"bio": "x" * 300})
     answer = Gateway(settings, env={}).send(sent)
@@ -98,6 +100,7 @@ def test_a_query_too_long_for_a_url_is_posted_as_a_form_with_the_user_agent(
     assert call.params == sent.params
     assert headers["content-type"] == "application/x-www-form-urlencoded"
     assert headers["user-agent"] == USER_AGENT
+    assert "expect" not in headers
 
 
 def test_a_redirect_is_not_followed_but_answered_as_its_status(
@@ -120,50 +123,55 @@ def test_a_503_keeps_its_retry_after_and_an_excerpt(
 def test_a_read_timeout_is_a_timeout_and_a_reset_a_connection_error(
     emulator: GatewayEmulator, client: Gateway
 ) -> None:
-    """The read timeout comes from the settings (1 s here; the gateway hangs 2 s)."""
-    emulator.hang_seconds = 2.0
+    """A call is bounded by the connect and read timeouts together (0.5 s + 1 s here; the
+    gateway hangs 3 s), the bound the task's time limit is computed from."""
+    emulator.hang_seconds = 3.0
     emulator.add_rule(None, ["timeout"])
     answer = client.send(event())
     assert answer.status == "timeout"
-    assert 0.9 < answer.elapsed < 1.9
+    assert 1.4 < answer.elapsed < 2.5
     emulator.add_rule(None, ["reset"])
     assert client.send(event()).status == "connection_error"
     assert client.send(event()).status == "200"  # the pool recovers
 
 
 def test_a_refused_connection_is_a_connection_error_not_a_timeout() -> None:
-    """urllib3 derives NewConnectionError from ConnectTimeoutError; a refusal must still be
-    reported as ``connection_error``, as requests reported it."""
+    """A refusal is reported as ``connection_error``, as requests reported it, not as a
+    timeout, and the excerpt keeps libcurl's reason."""
     with GatewayEmulator() as emu:
         url = f"{emu.url}/pixel.gif"
     answer = Gateway(settings_for(url), env={}).send(event())
     assert answer.status == "connection_error"
+    assert "curl error 7" in answer.excerpt
 
 
-def test_the_pool_holds_every_call_a_process_can_make_so_no_connection_is_discarded(
-    emulator: GatewayEmulator, caplog: pytest.LogCaptureFixture
+def test_each_sending_thread_keeps_one_connection_alive_between_its_calls(
+    emulator: GatewayEmulator,
 ) -> None:
-    """Single-event tasks (``concurrency`` threads) and batch senders (``batch_senders``
-    more) can be in flight together: that many calls at once, twice over, open that many
-    connections and reuse them, with no "pool is full" discard."""
-    concurrency, senders = 4, 3
-    emulator.set_delay(0.2)
-    settings = settings_for(
-        f"{emulator.url}/pixel.gif",
-        TOTANGO_CONCURRENCY=str(concurrency),
-        TOTANGO_BATCH_SENDERS=str(senders),
-    )
-    client = Gateway(settings, env={})
-    assert pool_size(concurrency, senders) == 7
-    caplog.set_level(logging.WARNING, logger="urllib3")
-    with ThreadPoolExecutor(max_workers=concurrency + senders) as pool:
-        for _ in range(2):
-            calls = range(concurrency + senders)
-            answers = list(pool.map(lambda _: client.send(event()), calls))
-            assert {a.status for a in answers} == {"200"}
-    assert client._pool is not None
-    assert client._pool.num_connections == concurrency + senders
-    assert not [r for r in caplog.records if "discarding" in r.getMessage()]
+    """Seven threads (pool slots and batch senders alike) make three rounds of calls at
+    once: each thread's calls come over one kept-alive connection of its own, so the
+    gateway sees seven connections for 21 calls, and closing the gateway frees them."""
+    threads = 7
+    emulator.set_delay(0.1)
+    client = Gateway(settings_for(f"{emulator.url}/pixel.gif"), env={})
+    barrier = threading.Barrier(threads)
+
+    def calls(_: int) -> list[str]:
+        statuses = []
+        for _ in range(3):
+            barrier.wait(5)
+            statuses.append(client.send(event()).status)
+        return statuses
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        answers = [status for statuses in pool.map(calls, range(threads)) for status in statuses]
+    assert answers == ["200"] * 3 * threads
+    ports = [call.client_port for call in emulator.calls()]
+    assert len(ports) == 3 * threads
+    assert len(set(ports)) == threads
+    assert len(client._handles) == threads
+    client.close()
+    assert client._handles == []
 
 
 # --- TLS ----------------------------------------------------------------------------------
@@ -233,7 +241,8 @@ def test_an_unverifiable_certificate_is_refused(
     url, seen = tls_gateway
     answer = Gateway(settings_for(url), env={}).send(event())
     assert answer.status == "connection_error"
-    assert "CERTIFICATE_VERIFY_FAILED" in answer.excerpt
+    assert "certificate" in answer.excerpt.lower()
+    assert "curl error 60" in answer.excerpt
     assert seen == []
 
 
@@ -292,8 +301,9 @@ def test_a_call_goes_through_the_proxy_named_in_the_environment(
 
 
 def test_a_proxy_the_gateway_cannot_use_stops_the_worker_at_start() -> None:
-    """A SOCKS proxy (urllib3 speaks only HTTP proxies) is a bad setting named by its
-    variable when the worker starts, instead of a failure on every event."""
+    """A SOCKS proxy (the worker takes HTTP proxies only, as requests did without its socks
+    extra) is a bad setting named by its variable when the worker starts, instead of a
+    failure on every event."""
     settings = settings_for("https://sdr.totango.com/pixel.gif")
     with pytest.raises(ConfigError) as caught:
         check_gateway(settings, {"HTTPS_PROXY": "socks5://127.0.0.1:1080"})
@@ -432,8 +442,9 @@ def test_check_gateway_builds_every_mapped_gateway(tmp_path: Path) -> None:
 def test_at_debug_no_log_line_carries_the_query_string(
     client: Gateway, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """With the worker's logging at DEBUG (TOTANGO_LOG_LEVEL=DEBUG), a call logs nothing
-    from urllib3: its request line holds the whole query, with the user's e-mail address."""
+    """With the worker's logging at DEBUG (TOTANGO_LOG_LEVEL=DEBUG), no line of a call
+    carries the query, which holds the user's e-mail address; urllib3, whose pool logs each
+    request line at DEBUG (sentry-sdk's transport uses it), stays at WARNING."""
     root, pool = logging.getLogger(), logging.getLogger("urllib3")
     touched = [root, pool, *map(logging.getLogger, CELERY_PER_TASK_LOGGERS)]
     levels = [logger.level for logger in touched]

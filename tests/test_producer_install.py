@@ -2,7 +2,7 @@
 
 The wheel of this checkout is installed with the producer's locked dependencies
 (``requirements-producer.lock``) into a new venv; there it validates and publishes with
-``worker.client`` to both brokers without the worker's runtime (urllib3, prometheus-client,
+``worker.client`` to both brokers without the worker's runtime (pycurl, prometheus-client,
 sentry-sdk, the worker's Redis transport), and a real worker delivers what it published.
 """
 
@@ -32,7 +32,7 @@ INSTALL_TIMEOUT = 600.0
 RUN_TIMEOUT = 60.0
 DELIVERY_TIMEOUT = 20.0
 #: The worker's runtime: none of it may be installed, or imported, by the producer.
-WORKER_RUNTIME = ("urllib3", "certifi", "prometheus_client", "sentry_sdk")
+WORKER_RUNTIME = ("pycurl", "urllib3", "certifi", "prometheus_client", "sentry_sdk")
 
 #: Runs in the producer's venv: validate and enqueue two events, then list what got imported.
 PRODUCER = """
@@ -48,7 +48,7 @@ ids = [
     )
     for n in range(2)
 ]
-runtime = {"urllib3", "certifi", "prometheus_client", "sentry_sdk"}
+runtime = {"pycurl", "urllib3", "certifi", "prometheus_client", "sentry_sdk"}
 ours = {"worker.application", "worker.tasks", "worker.gateway", "worker.metrics",
         "worker.observability", "worker.redis_transport", "worker.relay"}
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in runtime or m in ours)
@@ -123,7 +123,7 @@ def test_the_image_lock_holds_the_worker_extra() -> None:
         "optional-dependencies"
     ]["worker"]
     names = {re.split(r"[<>=\[; ]", requirement, maxsplit=1)[0].lower() for requirement in extra}
-    assert names == {"urllib3", "certifi", "sentry-sdk", "prometheus-client", "redis"}
+    assert names == {"pycurl", "certifi", "sentry-sdk", "prometheus-client", "redis"}
 
     def pinned(lock: str) -> set[str]:
         text = (REPO / lock).read_text(encoding="utf-8")

@@ -204,7 +204,10 @@ def test_no_email_address_reaches_sentry(
     exhausted = next(e for e in events if e["tags"]["reason"] == "exhausted:503")
     crumbs = exhausted.get("breadcrumbs", {}).get("values", [])
     # The check above did cover breadcrumbs: the last gateway call is one, with its URL.
-    assert any(c.get("type") == "http" for c in crumbs), crumbs
+    [call] = [c for c in crumbs if c.get("type") == "http"]
+    assert call["category"] == "gateway"
+    assert call["data"]["url"] == f"{gateway.url}/pixel.gif"
+    assert (call["data"]["method"], call["data"]["status_code"]) == ("GET", 503)
 
 
 @pytest.mark.parametrize("broker_url", ["redis"], indirect=True)

@@ -1,24 +1,26 @@
-"""The only module that imports urllib3: one connection pool per process to each gateway
-host, TLS 1.2 or newer with verified certificates, no redirects, no retries, explicit
-timeouts, and an answer reduced to a status string. ``Gateways`` routes an event to its
-service's gateway when ``TOTANGO_SERVICE_MAP`` is set.
+"""The only module that imports pycurl: libcurl sends every gateway call, with a handle and
+a kept-alive connection per sending thread, TLS 1.2 or newer with verified certificates, no
+redirects, no retries, explicit timeouts, and an answer reduced to a status string.
+``Gateways`` routes an event to its service's gateway when ``TOTANGO_SERVICE_MAP`` is set.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import ipaddress
 import os
 import ssl
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined]  # untyped
 
 import certifi
-import urllib3
-from urllib3.exceptions import HTTPError, NewConnectionError, TimeoutError
+import pycurl
 
 from worker import __version__
 from worker.errors import ConfigError
@@ -53,15 +55,6 @@ class Answer:
 
 
 # --- pure decisions -----------------------------------------------------------------------
-
-
-def pool_size(concurrency: int, batch_senders: int) -> int:
-    """Connections one process can have in flight at once: one per Celery pool slot for
-    single-event tasks, plus one per batch sender (``batch.new_executor`` has
-    ``batch_senders`` threads). Sized to that bound, the pool never has to open a connection
-    it cannot keep, so none is closed after one call (urllib3's "pool is full, discarding
-    connection") and no call waits for a free one."""
-    return max(1, concurrency) + max(1, batch_senders)
 
 
 def method_for(settings: Settings, query: str, url: str | None = None) -> str:
@@ -136,7 +129,10 @@ def _ca_bundle_variable(env: Mapping[str, str]) -> str | None:
 
 
 def tls_context(bundle: str) -> ssl.SSLContext:
-    """An SSL context that refuses anything older than TLS 1.2 and always verifies."""
+    """The TLS policy as a standard-library context: TLS 1.2 or newer, always verified, the
+    bundle trusted on top of the system's CAs. ``check_gateway`` loads the bundle through it
+    when the worker starts, so that one that cannot be read or parsed is a ``ConfigError``
+    there; libcurl applies the same policy to every call (``_tls_options``)."""
     context = ssl.create_default_context()
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if os.path.isdir(bundle):
@@ -146,8 +142,59 @@ def tls_context(bundle: str) -> ssl.SSLContext:
     return context
 
 
+def _tls_options(bundle: str) -> list[tuple[int, Any]]:
+    """libcurl's options for the TLS policy of ``tls_context``: TLS 1.2 or newer, the peer's
+    certificate and name verified, ``bundle`` trusted, and the system's CAs besides (a
+    directory bundle takes the place of the system's directory, a file that of its file)."""
+    system = ssl.get_default_verify_paths()
+    options: list[tuple[int, Any]] = [
+        (pycurl.SSLVERSION, pycurl.SSLVERSION_TLSv1_2),
+        (pycurl.SSL_VERIFYPEER, 1),
+        (pycurl.SSL_VERIFYHOST, 2),
+    ]
+    if os.path.isdir(bundle):
+        options.append((pycurl.CAPATH, bundle))
+        if system.cafile and os.path.isfile(system.cafile):
+            options.append((pycurl.CAINFO, system.cafile))
+    else:
+        options.append((pycurl.CAINFO, bundle))
+        if system.capath and os.path.isdir(system.capath):
+            options.append((pycurl.CAPATH, system.capath))
+    return options
+
+
+def _proxy_options(proxy: str | None, tls: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """No proxy at all unless ``proxy_for`` chose one: libcurl would otherwise read the
+    proxy variables itself, by rules of its own. The proxy's credentials are taken out of
+    its URL and given percent-decoded, as requests sent them."""
+    if proxy is None:
+        return [(pycurl.PROXY, "")]
+    parts = urlsplit(proxy)
+    netloc = parts.netloc.rpartition("@")[2]
+    options: list[tuple[int, Any]] = [(pycurl.PROXY, parts._replace(netloc=netloc).geturl())]
+    if parts.username is not None:
+        options.append((pycurl.PROXYUSERNAME, unquote(parts.username)))
+        options.append((pycurl.PROXYPASSWORD, unquote(parts.password or "")))
+    if parts.scheme == "https":  # TLS to the proxy itself, under the same policy
+        proxied = {
+            pycurl.SSLVERSION: pycurl.PROXY_SSLVERSION,
+            pycurl.SSL_VERIFYPEER: pycurl.PROXY_SSL_VERIFYPEER,
+            pycurl.SSL_VERIFYHOST: pycurl.PROXY_SSL_VERIFYHOST,
+            pycurl.CAINFO: pycurl.PROXY_CAINFO,
+            pycurl.CAPATH: pycurl.PROXY_CAPATH,
+        }
+        options += [(proxied[option], value) for option, value in tls]
+    return options
+
+
 class Gateway:
-    """Sends events to one collection gateway URL over one urllib3 connection pool.
+    """Sends events to one collection gateway URL with libcurl (pycurl).
+
+    Each thread that sends (a Celery pool thread, a batch sender) has a libcurl handle of
+    its own, made at its first call and kept: the handle keeps its connection alive between
+    calls, and a call is one ``perform`` that parses the answer in C without the GIL. A
+    process therefore holds at most one connection per sending thread, the bound the
+    connection pool had to be sized to before.
 
     The URL's own query (``pixel.gif?api-token=...``) is kept: a GET sends it first and the
     event's parameters after an ``&``; a POST keeps it in the URL and sends the event alone
@@ -157,7 +204,6 @@ class Gateway:
     def __init__(
         self,
         settings: Settings,
-        size: int | None = None,
         env: Mapping[str, str] | None = None,
         url: str | None = None,
     ) -> None:
@@ -165,43 +211,29 @@ class Gateway:
         env = os.environ if env is None else env
         url = url or settings.gateway_url
         self.url = url
-        #: What joins the event's query to the target of a GET.
-        self._joiner = "&" if urlsplit(url).query else "?"
-        self.headers = {"User-Agent": USER_AGENT, "Accept": "*/*"}
-        self.form_headers = {**self.headers, "Content-Type": "application/x-www-form-urlencoded"}
-        self.timeout = urllib3.Timeout(connect=settings.connect_timeout, read=settings.read_timeout)
-        pool_kw: dict[str, Any] = {
-            "maxsize": size or pool_size(settings.concurrency, settings.batch_senders),
-            "block": False,  # never reached: the pool holds every call a process can make
-            "headers": self.headers,
-            "timeout": self.timeout,
-            "retries": False,
-        }
-        if urlsplit(url).scheme == "https":
-            pool_kw["ssl_context"] = tls_context(ca_bundle(env))
-            pool_kw["cert_reqs"] = "CERT_REQUIRED"
-        proxy = proxy_for(url, env)
-        self._manager: urllib3.PoolManager | None = None
-        self._pool: urllib3.HTTPConnectionPool | None = None
-        self._urlopen: Callable[..., urllib3.BaseHTTPResponse]
-        if proxy is None:
-            # One host: its pool is asked directly, with only the path and query, which
-            # saves PoolManager's per-call URL parsing and pool lookup.
-            self._pool = urllib3.connection_from_url(url, **pool_kw)
-            parts = urlsplit(url)
-            self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            self._urlopen = self._pool.urlopen
-        else:
-            auth = urlsplit(proxy)
-            proxy_headers = None
-            if auth.username is not None:
-                credentials = f"{unquote(auth.username)}:{unquote(auth.password or '')}"
-                proxy_headers = urllib3.make_headers(proxy_basic_auth=credentials)
-            self._manager = urllib3.ProxyManager(
-                proxy, num_pools=1, proxy_headers=proxy_headers, **pool_kw
-            )
-            self.target = url
-            self._urlopen = self._manager.urlopen
+        #: What joins the event's query to the URL of a GET.
+        self._get_prefix = url + ("&" if urlsplit(url).query else "?")
+        tls = _tls_options(ca_bundle(env)) if urlsplit(url).scheme == "https" else []
+        self._options: list[tuple[int, Any]] = [
+            (pycurl.NOSIGNAL, 1),  # timeouts without SIGALRM: the caller is one of many threads
+            (pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS),
+            (pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1),
+            (pycurl.FOLLOWLOCATION, 0),  # a redirect is an answer, not followed
+            (pycurl.USERAGENT, USER_AGENT),
+            (pycurl.CONNECTTIMEOUT_MS, round(settings.connect_timeout * 1000)),
+            # The whole call, connection included: the bound the task's time limit and the
+            # deployments' grace periods are computed from.
+            (pycurl.TIMEOUT_MS, round((settings.connect_timeout + settings.read_timeout) * 1000)),
+            *tls,
+            *_proxy_options(proxy_for(url, env), tls),
+        ]
+        self._get_headers = ["Accept: */*"]
+        # No "Expect: 100-continue" before a body: one round trip more, for a form Totango
+        # always takes.
+        self._form_headers = [*self._get_headers, f"Content-Type: {FORM}", "Expect:"]
+        self._local = threading.local()
+        self._handles: list[_Handle] = []
+        self._lock = threading.Lock()
 
     def send(self, event: Event) -> Answer:
         query = encode(event.params)
@@ -224,70 +256,120 @@ class Gateway:
             )
         return answer
 
+    def _handle(self) -> _Handle:
+        handle: _Handle | None = getattr(self._local, "handle", None)
+        if handle is None:
+            handle = _Handle(self._options)
+            with self._lock:
+                self._handles.append(handle)
+            self._local.handle = handle
+        return handle
+
     def _call(self, method: str, query: str) -> Answer:
+        handle = self._handle()
+        curl = handle.curl
         started = time.perf_counter()
+        if method == "GET":
+            curl.setopt(pycurl.URL, self._get_prefix + query)
+            curl.setopt(pycurl.HTTPGET, 1)
+            curl.setopt(pycurl.HTTPHEADER, self._get_headers)
+        else:
+            curl.setopt(pycurl.URL, self.url)
+            curl.setopt(pycurl.POSTFIELDS, query)
+            curl.setopt(pycurl.HTTPHEADER, self._form_headers)
+        body, header_lines = handle.start()
         try:
-            if method == "GET":
-                response = self._urlopen(
-                    "GET",
-                    f"{self.target}{self._joiner}{query}",
-                    redirect=False,
-                    retries=False,
-                    timeout=self.timeout,
-                )
-            else:
-                response = self._urlopen(
-                    "POST",
-                    self.target,
-                    body=query.encode("ascii"),
-                    headers=self.form_headers,  # replaces the pool's: so it repeats them
-                    redirect=False,
-                    retries=False,
-                    timeout=self.timeout,
-                )
-        # A refused connection or a failed DNS look-up is a NewConnectionError, which
-        # urllib3 derives from ConnectTimeoutError: it is a connection error, not a timeout.
-        except NewConnectionError as exc:
-            return Answer("connection_error", None, _excerpt(str(exc)), _since(started), method)
-        except TimeoutError as exc:  # connect or read timeout, while sending or reading
-            return Answer("timeout", None, _excerpt(str(exc)), _since(started), method)
-        except (HTTPError, OSError) as exc:  # reset, TLS failure, a malformed answer
-            return Answer("connection_error", None, _excerpt(str(exc)), _since(started), method)
-        # The body is read already (preload), and the connection back in the pool.
-        status = str(response.status)
-        body = response.data
-        unexpected = status == "200" and not is_gif(body)
-        excerpt = "" if status == "200" and not unexpected else _excerpt(_text(body))
-        headers = response.headers
-        retry_after = headers.get("Retry-After")
-        reset = None if status == "200" else headers.get("RateLimit-Reset")
+            curl.perform()
+        except pycurl.error as exc:
+            code, message = _curl_error(exc)
+            # 28 is libcurl's timeout, connecting or waiting for the answer; every other
+            # failure (refused, reset, a failed DNS look-up or TLS handshake, a malformed
+            # answer) is a connection error.
+            status = "timeout" if code == pycurl.E_OPERATION_TIMEDOUT else "connection_error"
+            excerpt = _excerpt(f"{message} (curl error {code})")
+            return Answer(status, None, excerpt, _since(started), method)
+        status = str(curl.getinfo(pycurl.RESPONSE_CODE))
+        data = body.getvalue()
+        if status == "200":
+            if is_gif(data):
+                return Answer("200", None, "", _since(started), method)
+            return Answer("200", None, _excerpt(_text(data)), _since(started), method, True)
+        headers = _last_headers(header_lines)
         return Answer(
             status,
-            retry_after,
-            excerpt,
+            headers.get("retry-after"),
+            _excerpt(_text(data)),
             _since(started),
             method,
-            unexpected,
-            rate_limit_reset=reset,
+            rate_limit_reset=headers.get("ratelimit-reset"),
         )
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-        if self._manager is not None:
-            self._manager.clear()
+        with self._lock:
+            handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.close()
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+class _Handle:
+    """One thread's libcurl handle, with the buffers its answers are read into."""
+
+    __slots__ = ("body", "curl", "header_lines")
+
+    def __init__(self, options: list[tuple[int, Any]]) -> None:
+        self.curl = pycurl.Curl()
+        for option, value in options:
+            self.curl.setopt(option, value)
+        self.body = io.BytesIO()
+        self.header_lines: list[bytes] = []
+        self.curl.setopt(pycurl.WRITEDATA, self.body)
+        self.curl.setopt(pycurl.HEADERFUNCTION, self.header_lines.append)
+
+    def start(self) -> tuple[io.BytesIO, list[bytes]]:
+        """The buffers, emptied for the next call."""
+        self.body.seek(0)
+        self.body.truncate()
+        self.header_lines.clear()
+        return self.body, self.header_lines
+
+    def close(self) -> None:
+        # A handle still in a call on its thread cannot be closed: it goes with the thread.
+        with contextlib.suppress(pycurl.error):
+            self.curl.close()
+
+
+def _curl_error(exc: pycurl.error) -> tuple[int, str]:
+    """libcurl's error code and message, which pycurl raises as its two arguments."""
+    code, message = (*exc.args, "", "")[:2]
+    return (code if isinstance(code, int) else -1), str(message)
+
+
+def _last_headers(lines: list[bytes]) -> dict[str, str]:
+    """The headers of the last answer among ``lines`` (a proxy's ``CONNECT`` answer or an
+    interim ``100`` come first), by lowercase name."""
+    headers: dict[str, str] = {}
+    for raw in lines:
+        line = raw.decode("latin-1")
+        if line.startswith("HTTP/"):
+            headers = {}
+            continue
+        name, colon, value = line.partition(":")
+        if colon:
+            headers[name.strip().lower()] = value.strip()
+    return headers
 
 
 class Gateways:
-    """The gateways of this process, one ``Gateway`` (one pool) per URL: every event goes to
+    """The gateways of this process, one ``Gateway`` per URL: every event goes to
     ``TOTANGO_GATEWAY_URL`` (or the region's), or, with ``TOTANGO_SERVICE_MAP``, to its
     service's gateway. Validation has refused an event whose service is not in the map."""
 
-    def __init__(
-        self, settings: Settings, size: int | None = None, env: Mapping[str, str] | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
         self.settings = settings
-        self.by_url = {url: Gateway(settings, size, env, url) for url in settings.gateway_urls}
+        self.by_url = {url: Gateway(settings, env, url) for url in settings.gateway_urls}
 
     def for_event(self, event: Event) -> Gateway:
         return self.by_url[self.settings.gateway_for(event.service_id)]
@@ -314,8 +396,9 @@ def _excerpt(text: str) -> str:
 
 
 def check_gateway(settings: Settings, env: Mapping[str, str] | None = None) -> None:
-    """Build the gateway once when the worker starts, so that a proxy or a CA bundle it
-    cannot use stops the worker there (:class:`ConfigError`), not each event later."""
+    """Check the gateways' settings once when the worker starts, so that a proxy or a CA
+    bundle they cannot use stops the worker there (:class:`ConfigError`), not each event
+    later."""
     env = os.environ if env is None else env
     for gateway_url in settings.gateway_urls:
         proxy = _proxy_setting(gateway_url, env)
@@ -324,8 +407,10 @@ def check_gateway(settings: Settings, env: Mapping[str, str] | None = None) -> N
             scheme = urlsplit(url).scheme
             if scheme not in {"http", "https"}:
                 raise ConfigError(variable, f"must be an http:// or https:// proxy; got {scheme!r}")
+    if not any(urlsplit(url).scheme == "https" for url in settings.gateway_urls):
+        return
     try:
-        Gateways(settings, env=env).close()
+        tls_context(ca_bundle(env))
     except OSError as exc:  # ssl.SSLError too: a CA bundle that cannot be read or parsed
         variable = _ca_bundle_variable(env) or "the CA bundle"
         raise ConfigError(variable, f"cannot be loaded ({exc})") from None

@@ -25,9 +25,9 @@ log = logging.getLogger("worker")
 #: relayed event's CPU (py-spy). Shown at DEBUG only; their warnings and errors still show.
 CELERY_PER_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace", "celery.worker.request")
 
-#: urllib3's connection pool logs each request line at DEBUG, query string and all: the
-#: gateway's parameters carry account and user ids, attributes and e-mail addresses. Its
-#: warnings (a retry, a full pool) still show at any level.
+#: urllib3's connection pool logs each request line at DEBUG, query string and all. The
+#: gateway's calls go through libcurl, which logs nothing, but sentry-sdk's transport uses
+#: urllib3, and a line per report at DEBUG is noise. Its warnings still show at any level.
 URLLIB3_LOGGER = "urllib3"
 
 #: An email address, also percent-encoded (``%40``) as it is inside a gateway URL.
@@ -142,11 +142,12 @@ class RateLimitedWarning:
 
 _SCRUBBED = "[scrubbed]"
 _sentry_send_pii = False
+_sentry_on = False
 
 
 def init_sentry(settings: Settings) -> bool:
     """Start sentry-sdk when a DSN is set; with none it stays cleanly off."""
-    global _sentry_send_pii  # noqa: PLW0603  set once at start-up, read by before_send
+    global _sentry_send_pii, _sentry_on  # noqa: PLW0603  set once at start-up
     if not settings.sentry_dsn:
         return False
     import sentry_sdk  # noqa: PLC0415
@@ -169,7 +170,28 @@ def init_sentry(settings: Settings) -> bool:
         ],
         default_integrations=True,
     )
+    _sentry_on = True
     return True
+
+
+def failed_call_breadcrumb(url: str, method: str, status: str, elapsed: float) -> None:
+    """A Sentry breadcrumb for a gateway call that did not deliver, so that the alert of a
+    dead letter shows its last calls: the method, the gateway's URL without any query (the
+    event's parameters, an API token), the answer and how long it took. sentry-sdk makes
+    one for each ``http.client`` call by itself; libcurl's calls are not seen by it."""
+    if not _sentry_on:
+        return
+    import sentry_sdk  # noqa: PLC0415
+
+    data: dict[str, Any] = {
+        "url": url.partition("?")[0],
+        "method": method,
+        "reason": status,
+        "elapsed_ms": round(elapsed * 1000, 1),
+    }
+    if status.isdigit():
+        data["status_code"] = int(status)
+    sentry_sdk.add_breadcrumb(type="http", category="gateway", level="warning", data=data)
 
 
 def alert_dead_letter(envelope: Envelope, settings: Settings) -> None:

@@ -315,6 +315,9 @@ def send(app: TotangoCelery, event: Event) -> Answer:
     if answer.first is not None:  # the GET answered 414, then the POST: both are counted
         metrics.record_answer(answer.first.status, answer.first.method, answer.first.elapsed)
     metrics.record_answer(answer.status, answer.method, answer.elapsed)
+    if answer.status != "200":
+        url = app.settings.gateway_for(event.service_id)
+        observability.failed_call_breadcrumb(url, answer.method, answer.status, answer.elapsed)
     if answer.unexpected_body:
         metrics.record_unexpected_body()
         unexpected_body_warning.warn(
