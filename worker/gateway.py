@@ -35,6 +35,7 @@ GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
 #: Environment variables naming a CA bundle to trust instead of certifi's; requests, which
 #: the worker used before, honoured them, so a deployment that sets one keeps working.
 CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+FORM = "application/x-www-form-urlencoded"
 
 
 @dataclass(frozen=True)
@@ -212,8 +213,9 @@ class Gateway:
         url = url or settings.gateway_url
         self.url = url
         #: What joins the event's query to the URL of a GET.
-        self._get_prefix = url + ("&" if urlsplit(url).query else "?")
-        tls = _tls_options(ca_bundle(env)) if urlsplit(url).scheme == "https" else []
+        parts = urlsplit(url)
+        self._get_prefix = url + ("&" if parts.query else "?")
+        tls = _tls_options(ca_bundle(env)) if parts.scheme == "https" else []
         self._options: list[tuple[int, Any]] = [
             (pycurl.NOSIGNAL, 1),  # timeouts without SIGALRM: the caller is one of many threads
             (pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS),
@@ -277,7 +279,7 @@ class Gateway:
             curl.setopt(pycurl.URL, self.url)
             curl.setopt(pycurl.POSTFIELDS, query)
             curl.setopt(pycurl.HTTPHEADER, self._form_headers)
-        body, header_lines = handle.start()
+        handle.empty()
         try:
             curl.perform()
         except pycurl.error as exc:
@@ -289,12 +291,12 @@ class Gateway:
             excerpt = _excerpt(f"{message} (curl error {code})")
             return Answer(status, None, excerpt, _since(started), method)
         status = str(curl.getinfo(pycurl.RESPONSE_CODE))
-        data = body.getvalue()
+        data = handle.body.getvalue()
         if status == "200":
             if is_gif(data):
                 return Answer("200", None, "", _since(started), method)
             return Answer("200", None, _excerpt(_text(data)), _since(started), method, True)
-        headers = _last_headers(header_lines)
+        headers = _last_headers(handle.header_lines)
         return Answer(
             status,
             headers.get("retry-after"),
@@ -311,9 +313,6 @@ class Gateway:
             handle.close()
 
 
-FORM = "application/x-www-form-urlencoded"
-
-
 class _Handle:
     """One thread's libcurl handle, with the buffers its answers are read into."""
 
@@ -328,12 +327,11 @@ class _Handle:
         self.curl.setopt(pycurl.WRITEDATA, self.body)
         self.curl.setopt(pycurl.HEADERFUNCTION, self.header_lines.append)
 
-    def start(self) -> tuple[io.BytesIO, list[bytes]]:
-        """The buffers, emptied for the next call."""
+    def empty(self) -> None:
+        """Empty the buffers for the next call."""
         self.body.seek(0)
         self.body.truncate()
         self.header_lines.clear()
-        return self.body, self.header_lines
 
     def close(self) -> None:
         # A handle still in a call on its thread cannot be closed: it goes with the thread.
