@@ -323,6 +323,8 @@ def run_ours(
             result["profile"] = str(spy.stop())
         calls = load.check_exactly_once(_gateway_calls(run, tag, n, worker), n)
         if store is not None:
+            # Round trips the worker made to the store per event (read before the SCAN).
+            result["store_round_trips"] = round(store.reads() / n, 2)
             result["recorded"] = _check_recorded(store, n)
         times = load.answered_at(calls, emulator.delay_ms)
         result["events_per_s"] = round(load.rate(times), 1)

@@ -59,6 +59,13 @@ class PrivateStore:
         """Start a phase on an empty store, as every round does."""
         with self.client() as client:
             client.flushall()
+            client.config_resetstat()
+
+    def reads(self) -> int:
+        """Read events the store processed since the last ``flush``: about one per round
+        trip of a client (a pipeline arrives in one read, unless it is large)."""
+        with self.client() as client:
+            return int(client.info("stats")["total_reads_processed"])
 
     def recorded(self) -> int:
         """How many delivered ids the store holds (SCAN of the worker's key prefix)."""
