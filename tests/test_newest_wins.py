@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import redis
 
-from tests.faults.processes import free_port
+from tests.faults.processes import PrivateRedis, free_port
 from tests.test_state import sample
 from tests.workers import wait_until
 from totango_emulator import GatewayEmulator
@@ -98,6 +99,60 @@ def test_finish_records_the_delivered_and_returns_what_replaced_a_claim(store_ur
         assert store.finish(["e2"], [claim("v2", T2)]) == []  # its own claim still stands
         assert store.finish(["e1"], [claim("v1", T1)]) == [claim("v2", T2)]
         assert store.delivered(["e1", "e2"]) == {"e1", "e2"}
+    finally:
+        store.close()
+
+
+def test_the_scripts_go_by_sha_alone_and_are_loaded_again_after_a_flush(tmp_path: Path) -> None:
+    """Each check and finish is one round trip: no ``SCRIPT EXISTS`` before it (redis-py's
+    own Script sends one per pipeline). A store that lost its scripts (a restart, a
+    ``SCRIPT FLUSH``) answers NOSCRIPT; the scripts are loaded and the commands sent again,
+    and the caller gets its answer. On a redis-server of the test's own: a flush of the
+    shared one would reach other runs' scripts."""
+    server = PrivateRedis(tmp_path / "store", persistent=False)
+    server.start()
+    store = StateStore(server.url, ttl=600)
+    client = redis.Redis.from_url(server.url)
+    try:
+        for n in range(5):
+            assert store.check([f"e{n}"], [(f"e{n}", claim("v", T1 + n))]) is not None
+        assert store.finish(["e4"], [claim("v", T1 + 4)]) == []
+        loaded = client.info("commandstats")["cmdstat_script|load"]["calls"]  # on first use
+        assert client.script_flush()
+        checked = store.check(["e4", "e5"], [("e5", claim("w", T2))])
+        assert checked is not None
+        assert checked.delivered == {"e4"}
+        assert checked.superseded == set()
+        assert client.hget(f"{NEWEST_PREFIX}{ACME.key}", "sdr_o.Plan") == f"{T2}:w".encode()
+        stats = client.info("commandstats")
+        assert "cmdstat_script|exists" not in stats
+        assert stats["cmdstat_script|load"]["calls"] == loaded + 2  # both, once, after it
+    finally:
+        client.close()
+        store.close()
+        server.kill()
+
+
+def test_finish_without_waiting_hands_the_newer_claims_to_a_callback(store_url: str) -> None:
+    """finish_later() returns at once; when the store's answer comes, the claims that
+    replaced this event's while its call was in flight go to the callback (on the
+    flusher's thread), and the id is recorded. A finish with nothing newer calls nothing."""
+    store = StateStore(store_url, ttl=600)
+    newer: list[list[Claim]] = []
+    came = threading.Event()
+
+    def on_newer(claims: list[Claim]) -> None:
+        newer.append(claims)
+        came.set()
+
+    try:
+        assert store.check(["e1"], [("e1", claim("v1", T1))]) is not None
+        assert store.check(["e2"], [("e2", claim("v2", T2))]) is not None
+        store.finish_later(["e2"], [claim("v2", T2)], on_newer)  # its own claim stands
+        store.finish_later(["e1"], [claim("v1", T1)], on_newer)
+        assert came.wait(10)
+        assert store.delivered(["e1", "e2"]) == {"e1", "e2"}  # after both finishes
+        assert newer == [[claim("v2", T2)]]
     finally:
         store.close()
 

@@ -9,13 +9,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from tests.faults.processes import free_port
+from tests.faults.processes import PrivateRedis, free_port
+from tests.workers import wait_until
 from totango_emulator import GatewayEmulator
+from worker import state
 from worker.application import TotangoCelery
 from worker.contract import TRACK_ACTIVITY, TRACK_BATCH
 from worker.deadletter import browse, pause_before, publish, replay
@@ -170,6 +173,37 @@ def test_a_record_sent_without_waiting_is_seen_by_the_next_check_and_sent_at_clo
     finally:
         client.close()
         store.close()
+
+
+def test_a_record_rides_with_the_next_check_or_goes_alone_after_the_post_delay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record nobody waits for is held for the next round trip that a caller waits for:
+    the record and the check after it reach the store in one read (one round trip, not
+    two). With no check coming, the record goes on its own after POST_DELAY. On a
+    redis-server of the test's own, whose read count is the worker's alone."""
+    server = PrivateRedis(tmp_path / "store", persistent=False)
+    server.start()
+    store = StateStore(server.url, ttl=600)
+    client = redis.Redis.from_url(server.url)
+
+    def reads() -> int:
+        return int(client.info("stats")["total_reads_processed"])
+
+    try:
+        assert store.delivered(["warm-up"]) == set()  # the store's connection is open
+        monkeypatch.setattr(state, "POST_DELAY", 5.0)  # the check surely comes first
+        before = reads()
+        store.record_later(["ride-1"])
+        assert store.delivered(["ride-1"]) == {"ride-1"}
+        assert reads() - before == 2  # the store's one, and this INFO's
+        monkeypatch.setattr(state, "POST_DELAY", 0.05)
+        store.record_later(["alone-1"])
+        wait_until(lambda: client.exists(delivered_key("alone-1")) == 1, 5, "the lone record")
+    finally:
+        client.close()
+        store.close()
+        server.kill()
 
 
 def test_a_record_sent_without_waiting_to_an_unreachable_store_is_counted() -> None:

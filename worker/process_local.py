@@ -33,6 +33,10 @@ class PerProcess(Generic[T]):
                 self._value = self._build()
             return self._value
 
+    def peek(self) -> T | None:
+        """The value if this process built it, without building it."""
+        return self._value
+
     def reset(self) -> None:
         """Forget the value: the next ``get()`` builds a new one."""
         self._lock = threading.Lock()  # a lock held by a thread the fork did not copy

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
@@ -187,11 +188,13 @@ def note_superseded(attempt: Attempt, plan: Plan) -> None:
     )
 
 
-def finish(app: TotangoCelery, sent: list[tuple[Plan, Answer]]) -> None:
+def finish(app: TotangoCelery, sent: list[tuple[Plan, Answer]], *, wait: bool = True) -> None:
     """One round trip after the calls: record the ids delivered (a copy that comes later is
     suppressed), and send again any newer value that was claimed while one of these calls
     was in flight (it may have landed after it). Without claims nothing comes back to act
-    on, and the records are sent without waiting (``StateStore.record_later``)."""
+    on, and the records are sent without waiting (``StateStore.record_later``); with
+    ``wait=False`` neither are the claims: a newer value is published again from the
+    ``repairers`` thread when the store's answer comes."""
     store = app.state_store
     if store is None or not sent:
         return
@@ -210,9 +213,36 @@ def finish(app: TotangoCelery, sent: list[tuple[Plan, Answer]]) -> None:
     ]
     if not delivered and not landed:
         return
-    newer = store.get().finish(delivered, [claim for _, claim in landed])
+    claims = [claim for _, claim in landed]
+    if not wait:
+        store.get().finish_later(
+            delivered, claims, lambda newer: repairers.get().submit(repair, app, newer, landed)
+        )
+        return
+    newer = store.get().finish(delivered, claims)
     if newer:
         republish_newer(app, newer, landed)
+
+
+#: The thread that publishes newer values again for ``finish(wait=False)``: the store's
+#: flusher, which reads the answer, must not wait on the broker.
+repairers = PerProcess(partial(ThreadPoolExecutor, 1, thread_name_prefix="totango-repair"))
+
+
+def close_repairs() -> None:
+    """Publish the repairs still queued (at shutdown, after the stores have flushed)."""
+    executor = repairers.peek()
+    if executor is not None:
+        executor.shutdown(wait=True)
+        repairers.reset()
+
+
+def repair(app: TotangoCelery, newer: list[Claim], landed: list[tuple[Plan, Claim]]) -> None:
+    """``republish_newer`` on the repairers' thread, where an exception is logged."""
+    try:
+        republish_newer(app, newer, landed)
+    except Exception:
+        log.exception("publishing a newer value again")
 
 
 def republish_newer(

@@ -15,7 +15,7 @@ from billiard.exceptions import WorkerLostError
 from celery import signals
 from celery.exceptions import TimeLimitExceeded
 
-from worker import metrics, observability
+from worker import metrics, observability, relay
 from worker.contract import (
     EXCHANGE,
     TRACK_ACTIVITY,
@@ -178,12 +178,15 @@ def on_worker_process_shutdown(pid: int | None = None, **_: Any) -> None:
     # are dropped at the next scrape instead (metrics._LiveProcessesCollector).
     if pid is not None:
         metrics.forget_process(pid)
-    close_all()  # delivery records still queued go out before the child exits
+    close_all()  # delivery records still queued go out before the child exits,
+    relay.close_repairs()  # then the newer values their answers asked to publish again
 
 
 def on_worker_shutdown(**_: Any) -> None:
-    # The threads pool's tasks have finished: their delivery records still queued go out.
+    # The threads pool's tasks have finished: their delivery records still queued go out,
+    # then the newer values their answers asked to publish again.
     close_all()
+    relay.close_repairs()
 
 
 def on_task_failure(

@@ -11,6 +11,7 @@ at most once per ``LOG_EVERY`` seconds; after one, the process leaves the store 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -141,34 +142,50 @@ WAIT_TIMEOUT = 4 * SOCKET_TIMEOUT
 Queueing = Callable[["redis.client.Pipeline"], object]
 
 
+#: Called on the flusher's thread with a posted request's answers, or the error of its round
+#: trip.
+Ended = Callable[[list[Any], Exception | None], None]
+
+
 class _Request:
     """Commands for one round trip, and what came back. A caller that waits holds
     ``finished`` until the flusher releases it (a plain lock: the cheapest hand-off between
-    two threads, with no Python code in the wait); a request nobody waits for gets
-    ``on_error`` instead, called on the flusher's thread if its round trip failed."""
+    two threads, with no Python code in the wait); a request nobody waits for has no lock
+    and gets ``on_end`` instead, called on the flusher's thread."""
 
-    __slots__ = ("error", "finished", "on_error", "queue", "results")
+    __slots__ = ("ended", "error", "finished", "on_end", "queue", "results")
 
     def __init__(
-        self, queue: Queueing, on_error: Callable[[Exception], None] | None = None
+        self,
+        queue: Queueing,
+        *,
+        finished: threading.Lock | None = None,
+        on_end: Ended | None = None,
     ) -> None:
         self.queue = queue
-        self.on_error = on_error
-        self.finished = threading.Lock()
-        if on_error is None:
-            self.finished.acquire()  # released by ``end``
+        self.finished = finished
+        self.on_end = on_end
         self.results: list[Any] = []
         self.error: Exception | None = None
+        self.ended = False
 
     def end(self, results: list[Any], error: Exception | None) -> None:
-        self.results, self.error = results, error
-        if self.on_error is None:
+        self.results, self.error, self.ended = results, error, True
+        if self.finished is not None:
             self.finished.release()
-        elif error is not None:
-            try:
-                self.on_error(error)
-            except Exception:  # the flusher must outlive a bad callback
-                log.exception("reporting a failed state store request")
+            return
+        try:
+            if self.on_end is not None:
+                self.on_end(results, error)
+        except Exception:  # the flusher must outlive a bad callback
+            log.exception("acting on a state store answer")
+
+
+#: Put on the flusher's queue when a posted request is waiting for a round trip.
+_POSTED = _Request(lambda _pipe: None)
+#: A posted request waits at most this long for a round trip that a caller waits for, to go
+#: in it; then it goes on its own.
+POST_DELAY = 0.02
 
 
 class Pipeliner:
@@ -177,32 +194,49 @@ class Pipeliner:
     over one connection; each caller waits for its own answers. 128 pool threads each
     making their own round trip cost 3 to 4 times the CPU per event (lock hand-offs, a
     system call each way per event, a connection each) of the same commands sent together
-    (measured on the 2-core test machine)."""
+    (measured on the 2-core test machine).
 
-    def __init__(self, client: redis.Redis) -> None:
+    A request that nobody waits for (``post``: the records after a call) rides with the
+    next round trip that a caller waits for (the check before a call), up to
+    ``POST_DELAY`` later: one round trip per event, not one before its call and one
+    after."""
+
+    def __init__(self, client: redis.Redis, scripts: Sequence[str] = ()) -> None:
         self._client = client
+        #: Loaded when the store answers NOSCRIPT (``Script``).
+        self._scripts = tuple(scripts)
         self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        #: Posted requests not sent yet, and whether the flusher was told of them.
+        self._posted: list[_Request] = []
+        self._posted_told = False
+        self._posted_lock = threading.Lock()
 
     def run(self, queue_commands: Queueing) -> list[Any]:
         """Queue the commands that ``queue_commands`` adds to a pipeline, and return their
         answers once they came back; raises ``redis.RedisError`` if they did not."""
-        request = _Request(queue_commands)
+        finished = threading.Lock()
+        finished.acquire()  # released by ``_Request.end``
+        request = _Request(queue_commands, finished=finished)
         self._start()
         self._requests.put(request)
-        if not request.finished.acquire(timeout=WAIT_TIMEOUT):
+        if not finished.acquire(timeout=WAIT_TIMEOUT):
             raise redis.TimeoutError(f"no answer from the state store in {WAIT_TIMEOUT:g}s")
         if request.error is not None:
             raise request.error
         return request.results
 
-    def post(self, queue_commands: Queueing, on_error: Callable[[Exception], None]) -> None:
+    def post(self, queue_commands: Queueing, on_end: Ended) -> None:
         """Queue the commands without waiting for their answers: they go in the next round
-        trip, after every request queued before them (so a later ``run`` from any thread
-        of this process sees their effect); ``on_error`` is called if they fail."""
+        trip, before the requests of that round trip (so a later ``run`` from any thread
+        of this process sees their effect); ``on_end`` gets the answers, or the error."""
         self._start()
-        self._requests.put(_Request(queue_commands, on_error))
+        with self._posted_lock:
+            self._posted.append(_Request(queue_commands, on_end=on_end))
+            tell, self._posted_told = not self._posted_told, True
+        if tell:
+            self._requests.put(_POSTED)
 
     def close(self, timeout: float = WAIT_TIMEOUT) -> None:
         """Send what is queued, then stop the flusher; waits up to ``timeout`` for it."""
@@ -226,24 +260,51 @@ class Pipeliner:
     def _flush_forever(self) -> None:
         while True:
             first = self._requests.get()
-            if first is None:
-                return
-            batch = [first]
-            while True:
+            if first is _POSTED:  # only posted requests so far: wait a little for a caller
+                try:
+                    first = self._requests.get(timeout=POST_DELAY)
+                except queue.Empty:
+                    first = _POSTED
+            batch = [] if first is None or first is _POSTED else [first]
+            stop = first is None
+            while not stop:
                 try:
                     more = self._requests.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
-                    self._flush(batch)
-                    return
-                batch.append(more)
-            self._flush(batch)
+                stop = more is None
+                if more is not None and more is not _POSTED:
+                    batch.append(more)
+            with self._posted_lock:
+                posted, self._posted, self._posted_told = self._posted, [], False
+            if posted or batch:
+                self._flush(posted + batch)
+            if stop:
+                return
 
     def _flush(self, batch: list[_Request]) -> None:
+        try:
+            answered = self._round_trip(batch)
+            unknown = [r for r, results in answered if any(map(_no_script, results))]
+            if unknown:  # the store restarted or was flushed: load the scripts, send again
+                for script in self._scripts:
+                    self._client.script_load(script)
+                again = dict(self._round_trip(unknown))
+                answered = [(r, again.get(r, results)) for r, results in answered]
+        except Exception as exc:  # noqa: BLE001  every caller of this round trip fails open
+            for request in batch:
+                if not request.ended:
+                    request.end([], exc)
+            return
+        for request, results in answered:
+            if not request.ended:  # not ended by its own mistake when queued again
+                request.end(results, next((r for r in results if isinstance(r, Exception)), None))
+
+    def _round_trip(self, batch: list[_Request]) -> list[tuple[_Request, list[Any]]]:
+        """The batch's commands in one pipeline; a request whose commands cannot be queued
+        ends with its own error, and is not in the answer."""
         pipe = self._client.pipeline(transaction=False)
         spans = []
-        queued: list[_Request] = []
         for request in batch:
             before = len(pipe.command_stack)
             try:
@@ -251,17 +312,31 @@ class Pipeliner:
             except Exception as exc:  # noqa: BLE001  the caller's own mistake, its own error
                 request.end([], exc)
                 continue
-            spans.append((before, len(pipe.command_stack)))
-            queued.append(request)
-        try:
-            answers = pipe.execute(raise_on_error=False) if queued else []
-        except Exception as exc:  # noqa: BLE001  every caller of this round trip fails open
-            for request in queued:
-                request.end([], exc)
-            return
-        for request, (start, end) in zip(queued, spans, strict=True):
-            results = answers[start:end]
-            request.end(results, next((r for r in results if isinstance(r, Exception)), None))
+            spans.append((request, before, len(pipe.command_stack)))
+        if not spans:
+            return []
+        answers = pipe.execute(raise_on_error=False)
+        return [(request, answers[start:end]) for request, start, end in spans]
+
+
+def _no_script(result: object) -> bool:
+    return isinstance(result, redis.exceptions.NoScriptError)
+
+
+class Script:
+    """A Lua script sent by its SHA1 alone. redis-py's own ``Script`` in a pipeline first
+    asks the store whether the script exists (``SCRIPT EXISTS``), a second round trip on
+    every flush; the ``Pipeliner`` loads its scripts only when the store answers that it
+    does not know one (``NOSCRIPT``), and sends those requests again."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode("utf-8")).hexdigest()  # noqa: S324  Redis's name
+
+    def queue(
+        self, pipe: redis.client.Pipeline, keys: Sequence[str], args: Sequence[str | int]
+    ) -> None:
+        pipe.evalsha(self.sha, len(keys), *keys, *args)
 
 
 class StateStore:
@@ -277,9 +352,9 @@ class StateStore:
             socket_connect_timeout=SOCKET_TIMEOUT,
             retry_on_timeout=False,
         )
-        self._check = self._client.register_script(CHECK_SCRIPT)
-        self._finish = self._client.register_script(FINISH_SCRIPT)
-        self._pipeliner = Pipeliner(self._client)
+        self._check = Script(CHECK_SCRIPT)
+        self._finish = Script(FINISH_SCRIPT)
+        self._pipeliner = Pipeliner(self._client, (CHECK_SCRIPT, FINISH_SCRIPT))
         _open.add(self)
         self._skip_until = 0.0
         self._warning = observability.Throttle(LOG_EVERY)
@@ -298,8 +373,7 @@ class StateStore:
         (unreachable): then nothing is known, and every one is to be sent."""
         if not event_ids:
             return set()
-        if self._skipping():
-            metrics.record_state_error("check", len(event_ids))
+        if not self._open_for("check", len(event_ids)):
             return None
         keys = [delivered_key(e) for e in event_ids]
         try:
@@ -334,17 +408,10 @@ class StateStore:
         trip, and a failure is counted and logged from the flusher's thread. The caller's
         message is acknowledged meanwhile; a copy checked by this process later still sees
         them (one connection, in order)."""
-        if not event_ids:
-            return
-        if self._skipping():
-            metrics.record_state_error("record", len(event_ids))
-            return
-        count = len(event_ids)
-
-        def failed(exc: Exception) -> None:
-            self._failed("record", count, exc)
-
-        self._pipeliner.post(self._recording(event_ids), failed)
+        if event_ids and self._open_for("record", len(event_ids)):
+            self._pipeliner.post(
+                self._recording(event_ids), self._on_failure("record", len(event_ids))
+            )
 
     def _recording(self, event_ids: Sequence[str]) -> Queueing:
         stamp = f"{time.time():.3f}"
@@ -361,8 +428,7 @@ class StateStore:
         if not claims:
             delivered = self.delivered(event_ids) if dedup else set()
             return None if delivered is None else Checked(delivered, set())
-        if self._skipping():
-            metrics.record_state_error("check", len(event_ids))
+        if not self._open_for("check", len(event_ids)):
             return None
         checked = list(event_ids) if dedup else []
         position = {event_id: n for n, event_id in enumerate(checked, 1)}
@@ -373,7 +439,7 @@ class StateStore:
         keys = [delivered_key(e) for e in checked] + [newest_key(e) for e in hashes]
         try:
             ((flags, superseded),) = self._pipeliner.run(
-                lambda pipe: self._check(keys=keys, args=argv, client=pipe)
+                lambda pipe: self._check.queue(pipe, keys, argv)
             )
         except redis.RedisError as exc:
             self._failed("check", len(event_ids), exc)
@@ -390,26 +456,61 @@ class StateStore:
         if not claims:
             self.record_later(delivered)
             return []
-        if self._skipping():
-            metrics.record_state_error("record", len(delivered) or 1)
+        if not self._open_for("record", len(delivered) or 1):
             return None
+        queue_commands, newer = self._finishing(delivered, claims)
+        try:
+            return newer(self._pipeliner.run(queue_commands))
+        except redis.RedisError as exc:
+            self._failed("record", len(delivered) or 1, exc)
+            return None
+
+    def finish_later(
+        self,
+        delivered: Sequence[str],
+        claims: Sequence[Claim],
+        on_newer: Callable[[list[Claim]], object],
+    ) -> None:
+        """``finish`` without waiting for the store's answer: ``on_newer`` is called on the
+        flusher's thread with the claims that replaced any of ``claims``, if there are any;
+        a failure is counted and logged there."""
+        if not claims:
+            self.record_later(delivered)
+            return
+        if not self._open_for("record", len(delivered) or 1):
+            return
+        queue_commands, newer = self._finishing(delivered, claims)
+        failed = self._on_failure("record", len(delivered) or 1)
+
+        def ended(results: list[Any], error: Exception | None) -> None:
+            if error is not None:
+                failed(results, error)
+                return
+            replaced = newer(results)
+            if replaced:
+                on_newer(replaced)
+
+        self._pipeliner.post(queue_commands, ended)
+
+    def _finishing(
+        self, delivered: Sequence[str], claims: Sequence[Claim]
+    ) -> tuple[Queueing, Callable[[list[Any]], list[Claim]]]:
+        """The commands of ``finish``, and how to read their answer."""
         hashes, slots = _hash_slots(claims, after=len(delivered))
         argv: list[str | int] = [self.ttl, f"{time.time():.3f}", len(delivered)]
         for claim, slot in zip(claims, slots, strict=True):
             argv += [slot, claim.param, claim.at, claim.value]
         keys = [delivered_key(e) for e in delivered] + [newest_key(e) for e in hashes]
-        try:
-            (flat,) = self._pipeliner.run(
-                lambda pipe: self._finish(keys=keys, args=argv, client=pipe)
-            )
-        except redis.RedisError as exc:
-            self._failed("record", len(delivered) or 1, exc)
-            return None
         entities = {slot: entity for entity, slot in hashes.items()}
-        return [
-            Claim(entities[int(slot)], _text(param), _text(value), int(at))
-            for slot, param, at, value in zip(*[iter(flat)] * 4, strict=True)
-        ]
+
+        def newer(results: list[Any]) -> list[Claim]:
+            (flat,) = results
+            return [
+                Claim(entities[int(slot)], _text(param), _text(value), int(at))
+                for slot, param, at, value in zip(*[iter(flat)] * 4, strict=True)
+            ]
+
+        return (lambda pipe: self._finish.queue(pipe, keys, argv)), newer
 
     def ping(self) -> bool:
         """Whether the store answers now (for the start-up log line)."""
@@ -426,6 +527,23 @@ class StateStore:
 
     def _skipping(self) -> bool:
         return time.monotonic() < self._skip_until
+
+    def _open_for(self, op: str, events: int) -> bool:
+        """Whether to ask the store now; after a failure, for ``RETRY_AFTER``, the answer
+        is no, and the events are counted as that op's errors."""
+        if self._skipping():
+            metrics.record_state_error(op, events)
+            return False
+        return True
+
+    def _on_failure(self, op: str, count: int) -> Ended:
+        """A posted request's ``on_end``: a failed round trip is counted and logged."""
+
+        def ended(_results: list[Any], error: Exception | None) -> None:
+            if error is not None:
+                self._failed(op, count, error)
+
+        return ended
 
     def _failed(self, op: str, events: int, exc: Exception) -> None:
         metrics.record_state_error(op, events)

@@ -130,7 +130,7 @@ def relay_event(
         return relay.SUPERSEDED
     answer = relay.send(app, plan.event)
     outage = relay.report(app, plan.event, answer)
-    relay.finish(app, [(plan, answer)])
+    relay.finish(app, [(plan, answer)], wait=False)
 
     def retry(attempt: relay.Attempt, answer: Answer, outcome: Outcome) -> None:
         raise task.retry(
