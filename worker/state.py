@@ -227,11 +227,15 @@ class Pipeliner:
             raise request.error
         return request.results
 
-    def post(self, queue_commands: Queueing, on_end: Ended) -> None:
+    def post(self, queue_commands: Queueing, on_end: Ended, *, ride: bool = True) -> None:
         """Queue the commands without waiting for their answers: they go in the next round
         trip, before the requests of that round trip (so a later ``run`` from any thread
-        of this process sees their effect); ``on_end`` gets the answers, or the error."""
+        of this process sees their effect); ``on_end`` gets the answers, or the error.
+        ``ride=False``: in a round trip at once, not held for a caller's (``POST_DELAY``)."""
         self._start()
+        if not ride:
+            self._requests.put(_Request(queue_commands, on_end=on_end))
+            return
         with self._posted_lock:
             self._posted.append(_Request(queue_commands, on_end=on_end))
             tell, self._posted_told = not self._posted_told, True
@@ -403,14 +407,18 @@ class StateStore:
             return False
         return True
 
-    def record_later(self, event_ids: Sequence[str]) -> None:
+    def record_later(self, event_ids: Sequence[str], *, ride: bool = True) -> None:
         """``record`` without waiting for the store's answer: the ids go in the next round
         trip, and a failure is counted and logged from the flusher's thread. The caller's
         message is acknowledged meanwhile; a copy checked by this process later still sees
-        them (one connection, in order)."""
+        them (one connection, in order). ``ride=False`` for a batch's events: its message
+        is acknowledged only at its end, and a batch cut short sends again every event not
+        recorded yet, so the record goes at once instead of waiting for the next check."""
         if event_ids and self._open_for("record", len(event_ids)):
             self._pipeliner.post(
-                self._recording(event_ids), self._on_failure("record", len(event_ids))
+                self._recording(event_ids),
+                self._on_failure("record", len(event_ids)),
+                ride=ride,
             )
 
     def _recording(self, event_ids: Sequence[str]) -> Queueing:
@@ -452,9 +460,9 @@ class StateStore:
         that replaced any of ``claims`` while their calls were in flight. ``None`` when
         the store cannot be reached (the ids stay unrecorded; nothing is repaired).
         Without claims there is nothing to wait for: the ids are recorded without waiting
-        (``record_later``), and the answer is ``[]``."""
+        (``record_later``, at once), and the answer is ``[]``."""
         if not claims:
-            self.record_later(delivered)
+            self.record_later(delivered, ride=False)
             return []
         if not self._open_for("record", len(delivered) or 1):
             return None
