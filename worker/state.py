@@ -201,9 +201,9 @@ class Pipeliner:
     ``POST_DELAY`` later: one round trip per event, not one before its call and one
     after."""
 
-    def __init__(self, client: redis.Redis, scripts: Sequence[str] = ()) -> None:
+    def __init__(self, client: redis.Redis, scripts: Sequence[Script] = ()) -> None:
         self._client = client
-        #: Loaded when the store answers NOSCRIPT (``Script``).
+        #: Loaded when the store answers NOSCRIPT.
         self._scripts = tuple(scripts)
         self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -292,7 +292,7 @@ class Pipeliner:
             unknown = [r for r, results in answered if any(map(_no_script, results))]
             if unknown:  # the store restarted or was flushed: load the scripts, send again
                 for script in self._scripts:
-                    self._client.script_load(script)
+                    self._client.script_load(script.text)
                 again = dict(self._round_trip(unknown))
                 answered = [(r, again.get(r, results)) for r, results in answered]
         except Exception as exc:  # noqa: BLE001  every caller of this round trip fails open
@@ -358,7 +358,7 @@ class StateStore:
         )
         self._check = Script(CHECK_SCRIPT)
         self._finish = Script(FINISH_SCRIPT)
-        self._pipeliner = Pipeliner(self._client, (CHECK_SCRIPT, FINISH_SCRIPT))
+        self._pipeliner = Pipeliner(self._client, (self._check, self._finish))
         _open.add(self)
         self._skip_until = 0.0
         self._warning = observability.Throttle(LOG_EVERY)
@@ -397,8 +397,7 @@ class StateStore:
         could not be reached (the ids stay unrecorded, and a copy would be sent again)."""
         if not event_ids:
             return True
-        if self._skipping():
-            metrics.record_state_error("record", len(event_ids))
+        if not self._open_for("record", len(event_ids)):
             return False
         try:
             self._pipeliner.run(self._recording(event_ids))
@@ -533,13 +532,10 @@ class StateStore:
         self._client.close()
         _open.discard(self)
 
-    def _skipping(self) -> bool:
-        return time.monotonic() < self._skip_until
-
     def _open_for(self, op: str, events: int) -> bool:
         """Whether to ask the store now; after a failure, for ``RETRY_AFTER``, the answer
         is no, and the events are counted as that op's errors."""
-        if self._skipping():
+        if time.monotonic() < self._skip_until:
             metrics.record_state_error(op, events)
             return False
         return True
