@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.brokers import broker, redis_database
+from tests.faults.processes import PrivateRedis
 from tests.workers import running_worker, worker_env
 from totango_emulator import GatewayEmulator
 from worker.application import TotangoCelery, create_app
@@ -159,6 +160,18 @@ def store_url() -> Iterator[str]:
     """A Redis database of the test's own for the state store."""
     with redis_database() as url:
         yield url
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """The state store: a redis-server of the test's own on a free port (no persistence),
+    never the machine's Redis."""
+    server = PrivateRedis(tmp_path / "state-store", persistent=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 @pytest.fixture

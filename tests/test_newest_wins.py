@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -103,23 +102,23 @@ def test_finish_records_the_delivered_and_returns_what_replaced_a_claim(store_ur
         store.close()
 
 
-def test_the_scripts_go_by_sha_alone_and_are_loaded_again_after_a_flush(tmp_path: Path) -> None:
+def test_the_scripts_go_by_sha_alone_and_are_loaded_again_after_a_flush(
+    store: PrivateRedis,
+) -> None:
     """Each check and finish is one round trip: no ``SCRIPT EXISTS`` before it (redis-py's
     own Script sends one per pipeline). A store that lost its scripts (a restart, a
     ``SCRIPT FLUSH``) answers NOSCRIPT; the scripts are loaded and the commands sent again,
     and the caller gets its answer. On a redis-server of the test's own: a flush of the
     shared one would reach other runs' scripts."""
-    server = PrivateRedis(tmp_path / "store", persistent=False)
-    server.start()
-    store = StateStore(server.url, ttl=600)
-    client = redis.Redis.from_url(server.url)
+    state_store = StateStore(store.url, ttl=600)
+    client = redis.Redis.from_url(store.url)
     try:
         for n in range(5):
-            assert store.check([f"e{n}"], [(f"e{n}", claim("v", T1 + n))]) is not None
-        assert store.finish(["e4"], [claim("v", T1 + 4)]) == []
+            assert state_store.check([f"e{n}"], [(f"e{n}", claim("v", T1 + n))]) is not None
+        assert state_store.finish(["e4"], [claim("v", T1 + 4)]) == []
         loaded = client.info("commandstats")["cmdstat_script|load"]["calls"]  # on first use
         assert client.script_flush()
-        checked = store.check(["e4", "e5"], [("e5", claim("w", T2))])
+        checked = state_store.check(["e4", "e5"], [("e5", claim("w", T2))])
         assert checked is not None
         assert checked.delivered == {"e4"}
         assert checked.superseded == set()
@@ -129,8 +128,7 @@ def test_the_scripts_go_by_sha_alone_and_are_loaded_again_after_a_flush(tmp_path
         assert stats["cmdstat_script|load"]["calls"] == loaded + 2  # both, once, after it
     finally:
         client.close()
-        store.close()
-        server.kill()
+        state_store.close()
 
 
 def test_finish_without_waiting_hands_the_newer_claims_to_a_callback(store_url: str) -> None:

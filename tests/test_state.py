@@ -9,7 +9,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import redis
@@ -176,34 +175,31 @@ def test_a_record_sent_without_waiting_is_seen_by_the_next_check_and_sent_at_clo
 
 
 def test_a_record_rides_with_the_next_check_or_goes_alone_after_the_post_delay(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: PrivateRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A record nobody waits for is held for the next round trip that a caller waits for:
     the record and the check after it reach the store in one read (one round trip, not
     two). With no check coming, the record goes on its own after POST_DELAY. On a
     redis-server of the test's own, whose read count is the worker's alone."""
-    server = PrivateRedis(tmp_path / "store", persistent=False)
-    server.start()
-    store = StateStore(server.url, ttl=600)
-    client = redis.Redis.from_url(server.url)
+    state_store = StateStore(store.url, ttl=600)
+    client = redis.Redis.from_url(store.url)
 
     def reads() -> int:
         return int(client.info("stats")["total_reads_processed"])
 
     try:
-        assert store.delivered(["warm-up"]) == set()  # the store's connection is open
+        assert state_store.delivered(["warm-up"]) == set()  # the store's connection is open
         monkeypatch.setattr(state, "POST_DELAY", 5.0)  # the check surely comes first
         before = reads()
-        store.record_later(["ride-1"])
-        assert store.delivered(["ride-1"]) == {"ride-1"}
+        state_store.record_later(["ride-1"])
+        assert state_store.delivered(["ride-1"]) == {"ride-1"}
         assert reads() - before == 2  # the store's one, and this INFO's
         monkeypatch.setattr(state, "POST_DELAY", 0.05)
-        store.record_later(["alone-1"])
+        state_store.record_later(["alone-1"])
         wait_until(lambda: client.exists(delivered_key("alone-1")) == 1, 5, "the lone record")
     finally:
         client.close()
-        store.close()
-        server.kill()
+        state_store.close()
 
 
 def test_a_record_sent_without_waiting_to_an_unreachable_store_is_counted() -> None:

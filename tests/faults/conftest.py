@@ -11,7 +11,6 @@ import pytest
 from tests.brokers import broker
 from tests.faults.accounting import Row, details, table, write_results
 from tests.faults.harness import Run
-from tests.faults.processes import PrivateRedis
 from totango_emulator import GatewayEmulator
 
 RESULTS = pytest.StashKey[list[Row]]()
@@ -47,18 +46,6 @@ def run(
         yield scenario
     finally:
         scenario.close()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[PrivateRedis]:
-    """The state store: a redis-server of the test's own on a free port (no persistence),
-    never the machine's Redis."""
-    server = PrivateRedis(tmp_path / "state-store", persistent=False)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
