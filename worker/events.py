@@ -341,8 +341,8 @@ def occurred_at_ms(value: Any, *, now_ms: int | None = None) -> int | None:
 
 def _iso_instant_ms(text: str) -> int:
     """An extended-form ISO 8601 date, time and offset, as epoch milliseconds."""
-    match = _ISO_DATE_RE.fullmatch(text)
-    if match is None or not is_iso8601(text):
+    match = _iso_match(text)
+    if match is None:
         raise InvalidEvent("occurred_at", OCCURRED_AT_RULE)
     if match["hour"] is None or not (text.endswith("Z") or match["off_hour"] is not None):
         raise InvalidEvent(
@@ -560,15 +560,25 @@ def _number(name: str, value: float) -> str:
 
 def is_iso8601(text: str) -> bool:
     """One of the extended calendar forms, naming a date and time that exist."""
+    return _iso_match(text) is not None
+
+
+_ISO_LIMITS = {"hour": 23, "minute": 59, "second": 59, "off_hour": 23, "off_minute": 59}
+
+
+def _iso_match(text: str) -> re.Match[str] | None:
+    """The parts of an extended calendar form naming a date and time that exist, or
+    ``None``."""
     match = _ISO_DATE_RE.fullmatch(text)
     if match is None:
-        return False
+        return None
     try:
         date(int(match["year"]), int(match["month"]), int(match["day"]))
     except ValueError:  # 31 February, month 13, year 0
-        return False
-    limits = {"hour": 23, "minute": 59, "second": 59, "off_hour": 23, "off_minute": 59}
-    return all(match[part] is None or int(match[part]) <= top for part, top in limits.items())
+        return None
+    if any(match[part] is not None and int(match[part]) > top for part, top in _ISO_LIMITS.items()):
+        return None
+    return match
 
 
 def encode(params: tuple[tuple[str, str], ...] | list[tuple[str, str]]) -> str:
