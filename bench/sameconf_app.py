@@ -1,9 +1,10 @@
 """Floor (c): a no-op task in the worker's own configuration, the floor of Celery's cost
 per message for the worker as production runs it.
 
-The app takes every Celery setting from ``worker.application.config`` (so it cannot drift
-from the worker's): the quorum queue on RabbitMQ, the worker's Redis transport, the threads
-pool at ``TOTANGO_CONCURRENCY``, ``TOTANGO_PREFETCH_MULTIPLIER``, task events on,
+The app takes every Celery setting the worker takes, ``worker.application.config`` and
+``worker_config`` (so it cannot drift from the worker's; tests/test_bench_floor.py compares
+the two apps' settings): the quorum queue on RabbitMQ, the worker's Redis transport, the
+threads pool at ``TOTANGO_CONCURRENCY``, ``TOTANGO_PREFETCH_MULTIPLIER``, task events on,
 ``acks_late``, the worker's consumer class; it declares the queues as the worker does, and
 logs as the worker does (``observability.configure_logging``: Celery's per-task INFO lines
 quieted), so the floor writes no log line the worker does not write.
@@ -21,7 +22,7 @@ from celery import Celery, signals
 
 from bench.noop_app import _stamp
 from worker import observability
-from worker.application import config
+from worker.application import config, worker_config
 from worker.consumer import DeclareQueues
 from worker.contract import TRACK_ACTIVITY
 from worker.settings import Settings
@@ -32,6 +33,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     app = Celery("bench_sameconf", broker=settings.broker_url, set_as_current=False)
     app.settings = settings  # type: ignore[attr-defined]  # the consumer's dead letters read it
     app.conf.update(config(settings))
+    app.conf.update(worker_config(settings))
     app.steps["consumer"].add(DeclareQueues)
 
     def configure_logging(**_: Any) -> None:
