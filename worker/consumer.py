@@ -32,16 +32,32 @@ _CELERY_DELAYED_DELIVERY = "celery.worker.consumer.delayed_delivery:DelayedDeliv
 
 _ConsumerBlueprint: Any = Consumer.Blueprint
 
+#: Task events (received, started, succeeded) are published together this often, on the
+#: consumer's loop: Flower's task view lags by at most this much.
+EVENT_FLUSH_INTERVAL = 0.05
+#: ... or as soon as this many are buffered, by the thread that buffers the last one
+#: (Celery's default is 24).
+EVENT_BUFFER_LIMIT = 500
+
 
 class RelayConsumer(Consumer):
     class Blueprint(_ConsumerBlueprint):  # type: ignore[misc]  # celery's stubs: a variable
         # Celery's delayed-delivery step, replaced by one that waits for DeclareQueues.
-        default_steps = tuple(
-            "worker.consumer:QueuesThenDelayedDelivery"
-            if step == _CELERY_DELAYED_DELIVERY
-            else step
-            for step in _ConsumerBlueprint.default_steps
+        default_steps = (
+            *(
+                "worker.consumer:QueuesThenDelayedDelivery"
+                if step == _CELERY_DELAYED_DELIVERY
+                else step
+                for step in _ConsumerBlueprint.default_steps
+            ),
+            "worker.consumer:TaskEventsTogether",
         )
+
+    def on_send_event_buffered(self) -> None:  # type: ignore[override]  # the stubs: a Callable
+        """Nothing: ``TaskEventsTogether`` flushes the buffered task events on a timer.
+        Celery flushes them on the loop's next turn, and a pool thread that buffers one
+        wakes the loop for it: one publish per turn, that is about one per task, and on
+        Redis a round trip the consumer waits for."""
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)
@@ -134,6 +150,39 @@ class DeclareQueues(bootsteps.StartStopStep):
         queues = c.app.amqp.queues
         for queue in (dead_letter_queue(kind), queues[QUEUE], queues[BATCH_QUEUE]):
             queue(channel).declare()
+
+
+class TaskEventsTogether(bootsteps.StartStopStep):
+    """Publish the buffered task events every ``EVENT_FLUSH_INTERVAL`` seconds, from the
+    consumer's loop, in one message (Celery's ``task.multi``, which Flower and every event
+    receiver read). Task events stay on; what changes is how many go per publish."""
+
+    requires = ("celery.worker.consumer.events:Events",)
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.timer_entry: Any = None
+
+    def start(self, c: Any) -> None:
+        dispatcher = c.event_dispatcher
+        if dispatcher is None or c.hub is None:  # no loop: Celery's own way
+            return
+        dispatcher.buffer_limit = EVENT_BUFFER_LIMIT
+        self._cancel()
+        self.timer_entry = c.timer.call_repeatedly(EVENT_FLUSH_INTERVAL, c._flush_events)
+
+    def stop(self, c: Any) -> None:
+        self._cancel()
+        if c.event_dispatcher is not None:
+            try:
+                c.event_dispatcher.flush()
+            except Exception:  # monitoring data: the consumer stops regardless
+                log.debug("task events not flushed at stop", exc_info=True)
+
+    def _cancel(self) -> None:
+        if self.timer_entry is not None:
+            self.timer_entry.cancel()
+            self.timer_entry = None
 
 
 class QueuesThenDelayedDelivery(DelayedDelivery):
