@@ -42,7 +42,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     # Where the worker's own celeryd_init handler does it (worker/signals.py).
     signals.celeryd_init.connect(configure_logging, weak=False)
 
-    @app.task(name=TRACK_ACTIVITY, typing=False)
+    @app.task(name=TRACK_ACTIVITY, typing=False, shared=False)  # not in apps built later
     def noop(*_args: Any, **_kwargs: Any) -> None:
         _stamp()
 
