@@ -22,7 +22,7 @@ TASK = "bench.naive_relay"
 def make_app(broker_url: str, gateway_url: str) -> Celery:
     app = baseline_app("bench_naive", broker_url, QUEUE)
 
-    @app.task(name=TASK)
+    @app.task(name=TASK, shared=False)  # not in apps built later
     def relay(**kwargs: Any) -> None:
         params = {
             "sdr_s": kwargs.get("service_id") or "SP-1234-56",
