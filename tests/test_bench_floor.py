@@ -32,6 +32,8 @@ def test_the_floor_app_has_every_setting_of_the_worker_app(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = Settings.from_env(env)
+    # Imported here, not at the top: the module builds its app from the environment when
+    # it is imported, and the environment is only set above.
     floor_module: Any = importlib.import_module("bench.sameconf_app")
     floor = floor_module.make_app(settings)
     worker = create_app(settings)

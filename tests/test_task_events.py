@@ -46,8 +46,9 @@ class CountingReceiver(EventReceiver):
 
 @contextmanager
 def receiving(app: TotangoCelery) -> Iterator[tuple[CountingReceiver, dict[str, list[str]]]]:
-    """A receiver consuming every event in a thread of its own; yields it and, per task id,
-    the task event types seen, and per ``worker-*`` type, the hostnames."""
+    """A receiver consuming every event in a thread of its own; yields it and what it saw:
+    per task id, the types of that task's events; for an event without a task id (the
+    ``worker-*`` ones), its type under its own type, once per event."""
     seen: dict[str, list[str]] = defaultdict(list)
 
     def on_event(event: dict[str, Any]) -> None:
