@@ -10,8 +10,10 @@ import logging
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,63 @@ def test_a_503_keeps_its_retry_after_and_an_excerpt(
     emulator.add_rule(None, [503], retry_after="7")
     answer = client.send(event())
     assert (answer.status, answer.retry_after, answer.excerpt) == ("503", "7", "error")
+
+
+def test_a_retry_after_date_is_read_as_seconds_from_now_without_header_lines(
+    emulator: GatewayEmulator, client: Gateway
+) -> None:
+    """A healthy gateway's handles keep no header lines: the first 503 in a while has its
+    Retry-After date read by libcurl, as seconds from now."""
+    emulator.add_rule(None, [503], retry_after=formatdate(time.time() + 30, usegmt=True))
+    answer = client.send(event())
+    assert answer.status == "503"
+    assert answer.retry_after is not None
+    assert 25 <= int(answer.retry_after) <= 30
+
+
+class _RateLimited(BaseHTTPRequestHandler):
+    """Answers 429 with ``RateLimit-Reset: 12`` and no Retry-After; 200 to ``healthy``."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        if "sdr_o=healthy" in self.path:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/gif")
+            self.send_header("Content-Length", str(len(PIXEL_GIF)))
+            self.end_headers()
+            self.wfile.write(PIXEL_GIF)
+            return
+        self.send_response(429)
+        self.send_header("RateLimit-Reset", "12")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet."""
+
+
+def test_after_a_non_200_the_answers_headers_are_kept_for_ratelimit_reset() -> None:
+    """libcurl does not read RateLimit-Reset: once a gateway has answered a non-200, its
+    handles keep the header lines, and the next answers carry it; a minute of answers
+    later they keep none again."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _RateLimited)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/pixel.gif"
+    client = Gateway(settings_for(url), env={})
+    try:
+        first, second = client.send(event()), client.send(event())
+        assert (first.status, first.rate_limit_reset) == ("429", None), "no lines kept yet"
+        assert (second.status, second.retry_after, second.rate_limit_reset) == ("429", None, "12")
+        client._headers_until = time.perf_counter()  # the minute has passed
+        assert client.send(event("healthy")).status == "200"
+        assert client.send(event()).rate_limit_reset is None, "none kept after a healthy minute"
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 def test_a_read_timeout_is_a_timeout_and_a_reset_a_connection_error(

@@ -36,6 +36,11 @@ GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
 #: the worker used before, honoured them, so a deployment that sets one keeps working.
 CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 FORM = "application/x-www-form-urlencoded"
+#: For this many seconds after a gateway's last non-200 answer, its handles keep each
+#: answer's header lines (for ``RateLimit-Reset``, which libcurl does not parse). Otherwise
+#: none are kept: libcurl would call back into Python once per header line, and each call
+#: takes the GIL back from the other sending threads.
+HEADERS_AFTER_FAILURE = 60.0
 
 
 @dataclass(frozen=True)
@@ -236,6 +241,8 @@ class Gateway:
         self._local = threading.local()
         self._handles: list[_Handle] = []
         self._lock = threading.Lock()
+        #: Until when (``time.perf_counter``) the handles keep header lines.
+        self._headers_until = 0.0
 
     def send(self, event: Event) -> Answer:
         query = encode(event.params)
@@ -279,7 +286,7 @@ class Gateway:
             curl.setopt(pycurl.URL, self.url)
             curl.setopt(pycurl.POSTFIELDS, query)
             curl.setopt(pycurl.HTTPHEADER, self._form_headers)
-        handle.empty()
+        handle.prepare(started < self._headers_until)
         try:
             curl.perform()
         except pycurl.error as exc:
@@ -296,14 +303,23 @@ class Gateway:
             if is_gif(data):
                 return Answer("200", None, "", _since(started), method)
             return Answer("200", None, _excerpt(_text(data)), _since(started), method, True)
-        headers = _last_headers(handle.header_lines)
+        self._headers_until = time.perf_counter() + HEADERS_AFTER_FAILURE
+        if handle.keeps_headers:
+            headers = _last_headers(handle.header_lines)
+            retry_after = headers.get("retry-after")
+            rate_limit_reset = headers.get("ratelimit-reset")
+        else:
+            # libcurl's own reading of the last answer's Retry-After, a delay or a date, in
+            # seconds from now; 0 when there is none (or it cannot be read).
+            seconds = curl.getinfo(pycurl.RETRY_AFTER)
+            retry_after, rate_limit_reset = (str(seconds) if seconds > 0 else None), None
         return Answer(
             status,
-            headers.get("retry-after"),
+            retry_after,
             _excerpt(_text(data)),
             _since(started),
             method,
-            rate_limit_reset=headers.get("ratelimit-reset"),
+            rate_limit_reset=rate_limit_reset,
         )
 
     def close(self) -> None:
@@ -316,7 +332,7 @@ class Gateway:
 class _Handle:
     """One thread's libcurl handle, with the buffers its answers are read into."""
 
-    __slots__ = ("body", "curl", "header_lines")
+    __slots__ = ("body", "curl", "header_lines", "keeps_headers")
 
     def __init__(self, options: list[tuple[int, Any]]) -> None:
         self.curl = pycurl.Curl()
@@ -324,14 +340,20 @@ class _Handle:
             self.curl.setopt(option, value)
         self.body = io.BytesIO()
         self.header_lines: list[bytes] = []
+        self.keeps_headers = False
         self.curl.setopt(pycurl.WRITEDATA, self.body)
-        self.curl.setopt(pycurl.HEADERFUNCTION, self.header_lines.append)
 
-    def empty(self) -> None:
-        """Empty the buffers for the next call."""
+    def prepare(self, keep_headers: bool) -> None:
+        """Empty the buffers for the next call, and keep its header lines or not."""
         self.body.seek(0)
         self.body.truncate()
         self.header_lines.clear()
+        if keep_headers != self.keeps_headers:
+            if keep_headers:
+                self.curl.setopt(pycurl.HEADERFUNCTION, self.header_lines.append)
+            else:
+                self.curl.unsetopt(pycurl.HEADERFUNCTION)
+            self.keeps_headers = keep_headers
 
     def close(self) -> None:
         # A handle still in a call on its thread cannot be closed: it goes with the thread.
