@@ -83,7 +83,9 @@ def _figure(results: dict[str, Any], phase: str, key: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def _ratio(top: float | None, bottom: float | None, digits: int = 2) -> float | None:
+def _ratio(top: float | None, bottom: float | None, digits: int = 3) -> float | None:
+    """``top / bottom`` to 3 digits: a target is judged on the figure as printed, and 0.4988
+    must not pass a bound of 0.5 as a rounded 0.50."""
     if top is None or bottom is None or bottom == 0:
         return None
     return round(top / bottom, digits)

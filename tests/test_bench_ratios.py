@@ -39,10 +39,19 @@ def test_rate_and_cpu_ratios_divide_the_right_phases() -> None:
     """Single over the same-config no-op, batch CPU over bare HTTP CPU, single over naive,
     and the old ratio to the prefork no-op, each from its own two phases."""
     values = ratios(FIGURES, delay_ms=50)
-    assert values["single_over_sameconf"] == 0.33
-    assert values["batch_cpu_over_http"] == 1.56
+    assert values["single_over_sameconf"] == 0.325
+    assert values["batch_cpu_over_http"] == 1.556
     assert values["ours_over_naive"] == 1.3
-    assert values["ours_over_prefork_noop"] == 0.22
+    assert values["ours_over_prefork_noop"] == 0.217
+
+
+def test_a_ratio_just_under_its_bound_is_not_rounded_up_to_pass() -> None:
+    """702.6 / 1,408.7 = 0.4988: printed as 0.499 and failed, not rounded to a passing 0.5."""
+    figures = {**FIGURES, "ours": {**FIGURES["ours"], "events_per_s": 702.6}}
+    figures["sameconf"] = {**FIGURES["sameconf"], "events_per_s": 1408.7}
+    values = ratios(figures, delay_ms=50)
+    assert values["single_over_sameconf"] == 0.499
+    assert verdicts(values)["single_over_sameconf"] is False
 
 
 def test_rss_is_per_process_and_latency_is_above_the_gateway_delay() -> None:
