@@ -134,51 +134,6 @@ def test_a_retry_after_date_is_read_as_seconds_from_now_without_header_lines(
     assert 25 <= int(answer.retry_after) <= 30
 
 
-class _RateLimited(BaseHTTPRequestHandler):
-    """Answers 429 with ``RateLimit-Reset: 12`` and no Retry-After; 200 to ``healthy``."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        if "sdr_o=healthy" in self.path:
-            self.send_response(200)
-            self.send_header("Content-Type", "image/gif")
-            self.send_header("Content-Length", str(len(PIXEL_GIF)))
-            self.end_headers()
-            self.wfile.write(PIXEL_GIF)
-            return
-        self.send_response(429)
-        self.send_header("RateLimit-Reset", "12")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet."""
-
-
-def test_after_a_non_200_the_answers_headers_are_kept_for_ratelimit_reset() -> None:
-    """libcurl does not read RateLimit-Reset: once a gateway has answered a non-200, its
-    handles keep the header lines, and the next answers carry it; a minute of answers
-    later they keep none again."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _RateLimited)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/pixel.gif"
-    client = Gateway(settings_for(url), env={})
-    try:
-        first, second = client.send(event()), client.send(event())
-        assert (first.status, first.rate_limit_reset) == ("429", None), "no lines kept yet"
-        assert (second.status, second.retry_after, second.rate_limit_reset) == ("429", None, "12")
-        client._headers_until = time.perf_counter()  # the minute has passed
-        assert client.send(event("healthy")).status == "200"
-        assert client.send(event()).rate_limit_reset is None, "none kept after a healthy minute"
-    finally:
-        client.close()
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
 def test_a_read_timeout_is_a_timeout_and_a_reset_a_connection_error(
     emulator: GatewayEmulator, client: Gateway
 ) -> None:
@@ -271,6 +226,43 @@ class _Pixel(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet."""
+
+
+class _RateLimited(_Pixel):
+    """Answers 429 with ``RateLimit-Reset: 12`` and no Retry-After; the pixel to ``healthy``."""
+
+    def do_GET(self) -> None:
+        if "sdr_o=healthy" in self.path:
+            super().do_GET()
+            return
+        self.send_response(429)
+        self.send_header("RateLimit-Reset", "12")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_after_a_non_200_the_answers_headers_are_kept_for_ratelimit_reset() -> None:
+    """libcurl does not read RateLimit-Reset: once a gateway has answered a non-200, its
+    handles keep the header lines, and the next answers carry it; a minute of answers
+    later they keep none again."""
+    handler = type("RateLimited", (_RateLimited,), {"seen": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/pixel.gif"
+    client = Gateway(settings_for(url), env={})
+    try:
+        first, second = client.send(event()), client.send(event())
+        assert (first.status, first.rate_limit_reset) == ("429", None), "no lines kept yet"
+        assert (second.status, second.retry_after, second.rate_limit_reset) == ("429", None, "12")
+        client._headers_until = time.perf_counter()  # the minute has passed
+        assert client.send(event("healthy")).status == "200"
+        assert client.send(event()).rate_limit_reset is None, "none kept after a healthy minute"
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 @pytest.fixture

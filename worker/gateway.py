@@ -304,22 +304,18 @@ class Gateway:
                 return Answer("200", None, "", _since(started), method)
             return Answer("200", None, _excerpt(_text(data)), _since(started), method, True)
         self._headers_until = time.perf_counter() + HEADERS_AFTER_FAILURE
-        if handle.keeps_headers:
-            headers = _last_headers(handle.header_lines)
-            retry_after = headers.get("retry-after")
-            rate_limit_reset = headers.get("ratelimit-reset")
-        else:
-            # libcurl's own reading of the last answer's Retry-After, a delay or a date, in
-            # seconds from now; 0 when there is none (or it cannot be read).
-            seconds = curl.getinfo(pycurl.RETRY_AFTER)
-            retry_after, rate_limit_reset = (str(seconds) if seconds > 0 else None), None
+        # libcurl's own reading of the answer's Retry-After, a delay or a date, in seconds
+        # from now; 0 when there is none (or it cannot be read).
+        retry_after = curl.getinfo(pycurl.RETRY_AFTER)
+        # No lines (so no RateLimit-Reset) unless the handle kept them for this call.
+        headers = _last_headers(handle.header_lines)
         return Answer(
             status,
-            retry_after,
+            str(retry_after) if retry_after > 0 else None,
             _excerpt(_text(data)),
             _since(started),
             method,
-            rate_limit_reset=rate_limit_reset,
+            rate_limit_reset=headers.get("ratelimit-reset"),
         )
 
     def close(self) -> None:
