@@ -250,6 +250,9 @@ def test_every_alert_has_a_firing_and_a_silent_case() -> None:
         ("TotangoRetryRateHigh", "> 0.2", "> 0.9"),
         ("TotangoQueueNotConsumedRabbitMQ", "unless on (vhost, queue)", "and on (vhost, queue)"),
         ("TotangoQueueNotConsumedRedis", '"key", "totango", ', '"key", "elsewhere", '),
+        ("TotangoQueueNotConsumedRabbitMQ", "breaker_open)) == 1", "breaker_open)) == 2"),
+        ("TotangoQueueNotConsumedRedis", "breaker_open)) == 1", "breaker_open)) == 2"),
+        ("TotangoQueueNotConsumedRedis", "min by (namespace) (max", "max by (namespace) (max"),
     ],
 )
 def test_promtool_cases_fail_on_a_broken_rule(
@@ -257,7 +260,7 @@ def test_promtool_cases_fail_on_a_broken_rule(
 ) -> None:
     """The cases are not vacuous: the same test file fails against rules in which one alert
     is broken (a threshold moved, the stall condition inverted, the list's workers mapped to
-    another key)."""
+    another key, the open breaker never matched, one open breaker of two taken for all)."""
     groups = rule_groups()
     (rule,) = [r for g in groups for r in g["rules"] if r.get("alert") == alert]
     assert before in rule["expr"]
