@@ -29,6 +29,8 @@ from tests.faults.harness import (
 )
 from tests.faults.processes import PrivateRedis, free_port
 from tests.faults.test_faults import (
+    BATCH_KILLS,
+    BATCH_WORKER,
     CRASH_CONCURRENCY,
     CRASH_PLAN,
     crash_at_random_moments,
@@ -72,13 +74,39 @@ def test_kill_9_with_the_state_store_on(run: Run, store: PrivateRedis) -> None:
 
 def test_kill_9_of_the_batch_worker_with_the_state_store_on(run: Run, store: PrivateRedis) -> None:
     """The batch worker killed three times mid-send, with suppression on. Each event of a
-    batch is recorded as its 200 arrives, so a batch cut short by a kill sends again only
-    the calls that were in flight at it. The bound stays kills x slots x batch size (what
-    at-least-once allows); the row shows how far below it this lands."""
+    batch is recorded as its 200 arrives, before its sender takes the next event, so a batch
+    cut short by a kill sends again only the calls that were in flight at it: at most one
+    per batch sender (the process's senders are shared by its batches), so the bound is
+    kills x senders, not the kills x slots x batch size that at-least-once allows."""
+    senders = int(BATCH_WORKER["TOTANGO_BATCH_SENDERS"])
     row = kill_batch_worker(
-        run, "1 crash: kill -9 of the batch worker, state store on", TOTANGO_STATE_URL=store.url
+        run,
+        "1 crash: kill -9 of the batch worker, state store on",
+        bound=BATCH_KILLS * senders,
+        TOTANGO_STATE_URL=store.url,
     )
-    _note(row, f"{suppressed_in_logs(run)} copies suppressed")
+    _note(row, f"{suppressed_in_logs(run)} copies suppressed; bound: {senders} senders per kill")
+
+
+#: Events for the one-sender row: a sender makes about 19 calls a second at 50 ms each.
+ONE_SENDER_EVENTS = 300
+
+
+def test_kill_9_of_a_one_sender_batch_worker_repeats_at_most_one_call_per_kill(
+    run: Run, store: PrivateRedis
+) -> None:
+    """The same kills with ``TOTANGO_BATCH_SENDERS=1``, the setting for at most one
+    duplicate per kill: one call in flight per process, so each kill can repeat at most
+    the one call it cut off (its 200 may have come, unrecorded). The bound is the kills."""
+    row = kill_batch_worker(
+        run,
+        "1 crash: kill -9 of a one-sender batch worker, state store on",
+        bound=BATCH_KILLS,
+        events=ONE_SENDER_EVENTS,
+        TOTANGO_STATE_URL=store.url,
+        TOTANGO_BATCH_SENDERS="1",
+    )
+    _note(row, f"{suppressed_in_logs(run)} copies suppressed; bound: 1 per kill")
 
 
 REPLAY_EVENTS = 100

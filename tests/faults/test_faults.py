@@ -194,19 +194,26 @@ def test_kill_9_of_the_batch_worker_loses_nothing(run: Run) -> None:
     kill_batch_worker(run, "1 crash: kill -9 of the batch worker", TOTANGO_DEDUP="false")
 
 
-def kill_batch_worker(run: Run, scenario: str, **extra: str) -> Row:
-    """The batch worker killed ``BATCH_KILLS`` times (``extra`` settings added); the row,
-    with duplicates asserted within kills x slots x batch size and nothing lost."""
-    env = run.env(**BATCH_WORKER, **extra)
+def kill_batch_worker(
+    run: Run,
+    scenario: str,
+    bound: int = BATCH_KILLS * BATCH_SLOTS * BATCH_SIZE,
+    events: int = BATCH_EVENTS,
+    **extra: str,
+) -> Row:
+    """The batch worker killed ``BATCH_KILLS`` times (``extra`` settings added) while it
+    sends ``events``; the row, with duplicates asserted within ``bound`` (by default what
+    at-least-once allows: kills x slots x batch size) and nothing lost."""
+    env = run.env(**{**BATCH_WORKER, **extra})
     app = run.app()
     ledger = run.ledger(scenario)
     run.gateway.set_delay(0.05)
-    send_batches(Producer(app=app), ledger, BATCH_EVENTS, BATCH_SIZE)
+    send_batches(Producer(app=app), ledger, events, BATCH_SIZE)
     worker = run.worker(env, "batch-crash", "-Q", BATCH_QUEUE)
     worker.start()
 
     rng = random.Random()
-    marks = sorted(rng.sample(range(BATCH_EVENTS // 10, BATCH_EVENTS * 7 // 10), BATCH_KILLS))
+    marks = sorted(rng.sample(range(events // 10, events * 7 // 10), BATCH_KILLS))
     for mark in marks:
         wait_until(lambda m=mark: _running_past(run, worker.ready_at, m), 120, f"{mark} deliveries")
         time.sleep(rng.uniform(0, 0.1))
@@ -214,7 +221,6 @@ def kill_batch_worker(run: Run, scenario: str, **extra: str) -> Row:
         worker.start()
 
     tally = run.settle(ledger, app, timeout=PROMISED_RECOVERY + 60, worker=worker)
-    bound = BATCH_KILLS * BATCH_SLOTS * BATCH_SIZE
     recovery = "requeued at once" if run.kind == "rabbitmq" else "after the visibility timeout"
     note = f"kill -9 of the batch worker x{BATCH_KILLS}, batches of {BATCH_SIZE}"
     row = run.record(ledger.row(tally, duplicate_bound=bound, recovery=recovery, note=note))
