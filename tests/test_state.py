@@ -202,6 +202,33 @@ def test_a_record_rides_with_the_next_check_or_goes_alone_after_the_post_delay(
         state_store.close()
 
 
+def test_a_check_made_on_the_callers_thread_carries_the_records_posted_before_it(
+    store: PrivateRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``here=True`` (the gateway engine's vet): the round trip is made on the calling
+    thread, not by the flusher, and the records posted before it go first in the same
+    pipeline: the check finds them, in one read of the store."""
+    state_store = StateStore(store.url, ttl=600)
+    client = redis.Redis.from_url(store.url)
+
+    def reads() -> int:
+        return int(client.info("stats")["total_reads_processed"])
+
+    try:
+        assert state_store.delivered(["warm-up"], here=True) == set()
+        monkeypatch.setattr(state, "POST_DELAY", 5.0)  # the flusher would hold the record
+        before = reads()
+        state_store.record_later(["posted-1"])
+        found = state_store.check(["posted-1", "never"], [], here=True)
+        assert found is not None
+        assert found.delivered == {"posted-1"}
+        assert reads() - before == 2  # this thread's one, and this INFO's
+        assert client.exists(delivered_key("posted-1")) == 1
+    finally:
+        client.close()
+        state_store.close()
+
+
 def test_a_record_sent_without_waiting_to_an_unreachable_store_is_counted() -> None:
     """The round trip of a record nobody waits for fails on the flusher's thread: the
     failure is counted as op="record" for each id and the store is left alone for a while

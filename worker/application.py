@@ -16,7 +16,7 @@ from worker.gateway import Gateways
 from worker.pausing import OutagePause
 from worker.process_local import PerProcess
 from worker.producer_app import config, transport_options
-from worker.relay import TotangoCelery
+from worker.relay import TotangoCelery, Vetting
 from worker.settings import Settings
 from worker.state import StateStore
 
@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None) -> TotangoCelery:
     app.circuit = (
         PerProcess(partial(Circuit.for_settings, settings)) if settings.breaker_on else None
     )
+    app.vetting = Vetting(app)
     app.conf.update(config(settings))
     app.conf.update(worker_config(settings))
     app.steps["consumer"].add(DeclareQueues)

@@ -1,6 +1,7 @@
-"""The only module that imports pycurl: libcurl sends every gateway call, with a handle and
-a kept-alive connection per sending thread, TLS 1.2 or newer with verified certificates, no
-redirects, no retries, explicit timeouts, and an answer reduced to a status string.
+"""The gateway calls, with libcurl: a handle per call in flight, driven by the process's
+engine (``worker.transfers``), kept-alive connections, TLS 1.2 or newer with verified
+certificates, no redirects, no retries, explicit timeouts, and an answer reduced to a
+status string.
 ``Gateways`` routes an event to its service's gateway when ``TOTANGO_SERVICE_MAP`` is set.
 """
 
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import unquote, urlsplit
 from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined]  # untyped
@@ -26,6 +28,7 @@ from worker import __version__
 from worker.errors import ConfigError
 from worker.events import Event, encode
 from worker.settings import Settings
+from worker.transfers import Engine, EngineClosedError, Transfer, Vet
 
 USER_AGENT = f"totango-worker/{__version__} (+https://pypi.org/project/totango-worker/)"
 EXCERPT_LENGTH = 200
@@ -196,11 +199,11 @@ def _proxy_options(proxy: str | None, tls: list[tuple[int, Any]]) -> list[tuple[
 class Gateway:
     """Sends events to one collection gateway URL with libcurl (pycurl).
 
-    Each thread that sends (a Celery pool thread, a batch sender) has a libcurl handle of
-    its own, made at its first call and kept: the handle keeps its connection alive between
-    calls, and a call is one ``perform`` that parses the answer in C without the GIL. A
-    process therefore holds at most one connection per sending thread, the bound the
-    connection pool had to be sized to before.
+    Every call goes through the process's engine (``worker.transfers``): one thread that
+    drives all the calls in flight with libcurl's multi interface, parsing the answers in C
+    without the GIL. The sending thread prepares an easy handle (from this gateway's pool of
+    them, one per call in flight), hands it over and waits once; the connections stay alive
+    in the engine's cache between calls, one per call in flight at most.
 
     The URL's own query (``pixel.gif?api-token=...``) is kept: a GET sends it first and the
     event's parameters after an ``&``; a POST keeps it in the URL and sends the event alone
@@ -212,6 +215,7 @@ class Gateway:
         settings: Settings,
         env: Mapping[str, str] | None = None,
         url: str | None = None,
+        engine: Engine | None = None,
     ) -> None:
         self.settings = settings
         env = os.environ if env is None else env
@@ -221,6 +225,9 @@ class Gateway:
         parts = urlsplit(url)
         self._get_prefix = url + ("&" if parts.query else "?")
         tls = _tls_options(ca_bundle(env)) if parts.scheme == "https" else []
+        #: The whole call, connection included: the bound the task's time limit and the
+        #: deployments' grace periods are computed from.
+        self._timeout = settings.connect_timeout + settings.read_timeout
         self._options: list[tuple[int, Any]] = [
             (pycurl.NOSIGNAL, 1),  # timeouts without SIGALRM: the caller is one of many threads
             (pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS),
@@ -228,9 +235,7 @@ class Gateway:
             (pycurl.FOLLOWLOCATION, 0),  # a redirect is an answer, not followed
             (pycurl.USERAGENT, USER_AGENT),
             (pycurl.CONNECTTIMEOUT_MS, round(settings.connect_timeout * 1000)),
-            # The whole call, connection included: the bound the task's time limit and the
-            # deployments' grace periods are computed from.
-            (pycurl.TIMEOUT_MS, round((settings.connect_timeout + settings.read_timeout) * 1000)),
+            (pycurl.TIMEOUT_MS, round(self._timeout * 1000)),
             *tls,
             *_proxy_options(proxy_for(url, env), tls),
         ]
@@ -238,21 +243,49 @@ class Gateway:
         # No "Expect: 100-continue" before a body: one round trip more, for a form Totango
         # always takes.
         self._form_headers = [*self._get_headers, f"Content-Type: {FORM}", "Expect:"]
-        self._local = threading.local()
+        self._engine = engine or Engine()
+        self._owns_engine = engine is None
+        #: Every handle made, and those not in a call (``list`` appends and pops are atomic).
         self._handles: list[_Handle] = []
+        self._free: list[_Handle] = []
         self._lock = threading.Lock()
         #: Until when (``time.perf_counter``) the handles keep header lines.
         self._headers_until = 0.0
 
     def send(self, event: Event) -> Answer:
-        query = encode(event.params)
-        method = method_for(self.settings, query, self.url)
-        answer = self._call(method, query)
-        if method == "GET" and answer.status == "414":
+        handle = self._take()
+        started = time.perf_counter()
+        self._prepare(handle, event)
+        return self._answer(handle, Transfer(handle.curl, event), started)
+
+    def send_vetted(self, event: Event, vet: Vet | None) -> tuple[Answer | None, Any]:
+        """The call, after ``vet`` (``worker.transfers``) has seen it with the other calls
+        of its round, on the engine's thread: the answer, ``None`` when the vet kept the
+        call from being sent, and the vet's note on it."""
+        handle = self._take()
+        transfer = Transfer(handle.curl, event, vet=vet, prepare=partial(self._prepare, handle))
+        started = time.perf_counter()
+        self._prepare(handle, event)
+        answer = self._run(handle, transfer, started)
+        return (None if answer is None else self._answer_of(answer, transfer)), transfer.note
+
+    def _answer(self, handle: _Handle, transfer: Transfer, started: float) -> Answer:
+        """The call of an unvetted transfer, which is always made."""
+        answer = self._run(handle, transfer, started)
+        if answer is None:  # pragma: no cover - only a vet keeps a call back
+            raise RuntimeError("an unvetted call was not sent")
+        return self._answer_of(answer, transfer)
+
+    def _answer_of(self, answer: Answer, transfer: Transfer) -> Answer:
+        """``answer``, or after a 414 to a GET the POST that follows it."""
+        if answer.method == "GET" and answer.status == "414":
             # URI Too Long: something on the way takes shorter URLs than
             # TOTANGO_MAX_URL_LENGTH. The same event as a form body, once, in this attempt;
             # retrying the same GET would only be refused again.
-            post = self._call("POST", query)
+            handle = self._take()
+            started = time.perf_counter()
+            self._prepare(handle, transfer.event, "POST")
+            post = self._answer(handle, Transfer(handle.curl, transfer.event), started)
             return Answer(
                 post.status,
                 post.retry_after,
@@ -265,19 +298,19 @@ class Gateway:
             )
         return answer
 
-    def _handle(self) -> _Handle:
-        handle: _Handle | None = getattr(self._local, "handle", None)
-        if handle is None:
+    def _take(self) -> _Handle:
+        try:
+            return self._free.pop()
+        except IndexError:
             handle = _Handle(self._options)
             with self._lock:
                 self._handles.append(handle)
-            self._local.handle = handle
-        return handle
+            return handle
 
-    def _call(self, method: str, query: str) -> Answer:
-        handle = self._handle()
+    def _prepare(self, handle: _Handle, event: Event, method: str | None = None) -> None:
+        query = encode(event.params)
+        method = method or method_for(self.settings, query, self.url)
         curl = handle.curl
-        started = time.perf_counter()
         if method == "GET":
             curl.setopt(pycurl.URL, self._get_prefix + query)
             curl.setopt(pycurl.HTTPGET, 1)
@@ -286,17 +319,34 @@ class Gateway:
             curl.setopt(pycurl.URL, self.url)
             curl.setopt(pycurl.POSTFIELDS, query)
             curl.setopt(pycurl.HTTPHEADER, self._form_headers)
-        handle.prepare(started < self._headers_until)
+        handle.method = method
+        handle.prepare(time.perf_counter() < self._headers_until)
+
+    def _run(self, handle: _Handle, transfer: Transfer, started: float) -> Answer | None:
+        """Hand the call to the engine; its answer, or ``None`` if the vet kept it back."""
         try:
-            curl.perform()
-        except pycurl.error as exc:
-            code, message = _curl_error(exc)
+            self._engine.run(transfer, self._timeout)
+        except EngineClosedError as exc:
+            self._free.append(handle)
+            return Answer("connection_error", None, _excerpt(str(exc)), 0.0, handle.method)
+        except TimeoutError as exc:  # the handle stays the engine's: not used again
+            return Answer("timeout", None, _excerpt(str(exc)), _since(started), handle.method)
+        try:
+            return self._read(handle, transfer, started) if transfer.sent else None
+        finally:
+            self._free.append(handle)
+
+    def _read(self, handle: _Handle, transfer: Transfer, started: float) -> Answer:
+        method = handle.method
+        if transfer.error is not None:
+            code, message = transfer.error
             # 28 is libcurl's timeout, connecting or waiting for the answer; every other
             # failure (refused, reset, a failed DNS look-up or TLS handshake, a malformed
             # answer) is a connection error.
             status = "timeout" if code == pycurl.E_OPERATION_TIMEDOUT else "connection_error"
             excerpt = _excerpt(f"{message} (curl error {code})")
             return Answer(status, None, excerpt, _since(started), method)
+        curl = handle.curl
         status = str(curl.getinfo(pycurl.RESPONSE_CODE))
         data = handle.body.getvalue()
         if status == "200":
@@ -319,16 +369,20 @@ class Gateway:
         )
 
     def close(self) -> None:
+        """Stop the engine (when this gateway made it), then close the handles."""
+        if self._owns_engine:
+            self._engine.close()
         with self._lock:
             handles, self._handles = self._handles, []
+        self._free.clear()
         for handle in handles:
             handle.close()
 
 
 class _Handle:
-    """One thread's libcurl handle, with the buffers its answers are read into."""
+    """One libcurl handle of a gateway, with the buffers its answers are read into."""
 
-    __slots__ = ("body", "curl", "header_lines", "keeps_headers")
+    __slots__ = ("body", "curl", "header_lines", "keeps_headers", "method")
 
     def __init__(self, options: list[tuple[int, Any]]) -> None:
         self.curl = pycurl.Curl()
@@ -337,6 +391,7 @@ class _Handle:
         self.body = io.BytesIO()
         self.header_lines: list[bytes] = []
         self.keeps_headers = False
+        self.method = "GET"
         self.curl.setopt(pycurl.WRITEDATA, self.body)
 
     def prepare(self, keep_headers: bool) -> None:
@@ -352,15 +407,9 @@ class _Handle:
             self.keeps_headers = keep_headers
 
     def close(self) -> None:
-        # A handle still in a call on its thread cannot be closed: it goes with the thread.
+        # A handle still in a call cannot be closed: it goes with the process.
         with contextlib.suppress(pycurl.error):
             self.curl.close()
-
-
-def _curl_error(exc: pycurl.error) -> tuple[int, str]:
-    """libcurl's error code and message, which pycurl raises as its two arguments."""
-    code, message = (*exc.args, "", "")[:2]
-    return (code if isinstance(code, int) else -1), str(message)
 
 
 def _last_headers(lines: list[bytes]) -> dict[str, str]:
@@ -385,7 +434,11 @@ class Gateways:
 
     def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
         self.settings = settings
-        self.by_url = {url: Gateway(settings, env, url) for url in settings.gateway_urls}
+        #: One engine, one thread, for the calls to every gateway.
+        self.engine = Engine()
+        self.by_url = {
+            url: Gateway(settings, env, url, self.engine) for url in settings.gateway_urls
+        }
 
     def for_event(self, event: Event) -> Gateway:
         return self.by_url[self.settings.gateway_for(event.service_id)]
@@ -394,6 +447,7 @@ class Gateways:
         return self.for_event(event).send(event)
 
     def close(self) -> None:
+        self.engine.close()
         for gateway in self.by_url.values():
             gateway.close()
 

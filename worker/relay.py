@@ -27,6 +27,7 @@ from worker.process_local import PerProcess
 from worker.retry import is_delivered
 from worker.settings import Settings
 from worker.state import StateStore
+from worker.transfers import Transfer
 
 if TYPE_CHECKING:
     from worker.events import Event
@@ -46,6 +47,8 @@ class TotangoCelery(Celery):
     state_store: PerProcess[StateStore] | None
     #: The fleet's breakers as this process sees them; ``None`` when the breaker is off.
     circuit: PerProcess[Circuit] | None
+    #: The state store's check of single events on the gateway engine's thread.
+    vetting: Vetting
 
 
 #: Returned by the tasks and counted by the batch.
@@ -129,10 +132,18 @@ class Plan:
     superseded: tuple[str, ...] = ()
 
 
-def check(app: TotangoCelery, batch: list[Event]) -> tuple[set[str], list[Plan]]:
+def checks(app: TotangoCelery) -> bool:
+    """Whether an event is checked in the state store before its call."""
+    return app.state_store is not None and (app.settings.dedup_on or app.settings.newest_wins_on)
+
+
+def check(
+    app: TotangoCelery, batch: list[Event], *, here: bool = False
+) -> tuple[set[str], list[Plan]]:
     """One round trip to the state store for these events: the ids already delivered
     (acknowledged without a call), and a plan for each of the others. When the store is off
-    or cannot be reached, nothing is known: every event is sent as it came (fail open)."""
+    or cannot be reached, nothing is known: every event is sent as it came (fail open).
+    ``here``: the round trip on this thread (``StateStore.check``)."""
     settings = app.settings
     store = app.state_store
     claims = (
@@ -143,7 +154,7 @@ def check(app: TotangoCelery, batch: list[Event]) -> tuple[set[str], list[Plan]]
     if store is None or not batch or not (settings.dedup_on or claims):
         return set(), [Plan(event, event) for event in batch]
     checked = store.get().check(
-        [event.event_id for event in batch], claims, dedup=settings.dedup_on
+        [event.event_id for event in batch], claims, dedup=settings.dedup_on, here=here
     )
     if checked is None:
         return set(), [Plan(event, event) for event in batch]
@@ -163,6 +174,38 @@ def check(app: TotangoCelery, batch: list[Event]) -> tuple[set[str], list[Plan]]
         claimed = tuple(kept.get(event.event_id, ()))
         plans.append(Plan(event, without(event, dropped), claimed, dropped))
     return checked.delivered, plans
+
+
+class Vetting:
+    """The state store's check of single events, on the gateway engine's thread
+    (``worker.transfers``): every event handed over since the engine's last round, in one
+    round trip made there. Each transfer's note becomes its plan (``None``: delivered
+    before), and its event the plan's (``None``: nothing left to send). One per process,
+    so that the engine finds every event's vet the same and checks them together."""
+
+    def __init__(self, app: TotangoCelery) -> None:
+        self.app = app
+
+    def __call__(self, transfers: list[Transfer]) -> None:
+        _, plans = check(self.app, [transfer.event for transfer in transfers], here=True)
+        by_id = {plan.original.event_id: plan for plan in plans}
+        for transfer in transfers:
+            plan = by_id.get(transfer.event.event_id)
+            transfer.note = plan
+            transfer.event = None if plan is None else plan.event
+
+
+def check_and_send(app: TotangoCelery, event: Event) -> tuple[Plan | None, Answer | None]:
+    """A single event's check and call, waited for once (``Vetting``): its plan (``None``:
+    delivered before) and the call's answer (``None``: not sent). Without the store's check
+    the plan is the event as it came."""
+    vet = app.vetting if checks(app) else None
+    with metrics.gateway_call():
+        answer, note = app.gateway.get().for_event(event).send_vetted(event, vet)
+    plan: Plan | None = note if vet is not None else Plan(event, event)
+    if answer is not None and plan is not None and plan.event is not None:
+        account(app, plan.event, answer)
+    return plan, answer
 
 
 def suppressed(attempt: Attempt) -> str:
@@ -342,6 +385,11 @@ def send(app: TotangoCelery, event: Event) -> Answer:
     """One gateway call, counted in flight and by its answer."""
     with metrics.gateway_call():
         answer = app.gateway.get().send(event)
+    return account(app, event, answer)
+
+
+def account(app: TotangoCelery, event: Event, answer: Answer) -> Answer:
+    """Count a call by its answer, and note a failure or an unexpected body."""
     if answer.first is not None:  # the GET answered 414, then the POST: both are counted
         metrics.record_answer(answer.first.status, answer.first.method, answer.first.elapsed)
     metrics.record_answer(answer.status, answer.method, answer.elapsed)

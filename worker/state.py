@@ -147,6 +147,10 @@ Queueing = Callable[["redis.client.Pipeline"], object]
 Ended = Callable[[list[Any], Exception | None], None]
 
 
+def _ignore(_results: list[Any], _error: Exception | None) -> None:
+    """The end of a request whose caller reads it itself (``Pipeliner.run(here=True)``)."""
+
+
 class _Request:
     """Commands for one round trip, and what came back. A caller that waits holds
     ``finished`` until the flusher releases it (a plain lock: the cheapest hand-off between
@@ -213,9 +217,24 @@ class Pipeliner:
         self._posted_told = False
         self._posted_lock = threading.Lock()
 
-    def run(self, queue_commands: Queueing) -> list[Any]:
+    def run(self, queue_commands: Queueing, *, here: bool = False) -> list[Any]:
         """Queue the commands that ``queue_commands`` adds to a pipeline, and return their
-        answers once they came back; raises ``redis.RedisError`` if they did not."""
+        answers once they came back; raises ``redis.RedisError`` if they did not.
+
+        ``here``: the round trip is made on the calling thread, with the posted requests
+        first, instead of by the flusher. For a thread that asks on behalf of many (the
+        gateway engine's vet, ``worker.transfers``), so that it does not hand every round
+        to the flusher and back. A posted request the flusher has in flight at that moment
+        may reach the store after this one: the check may miss a record made a moment
+        before, and a copy be sent (at least once)."""
+        if here:
+            request = _Request(queue_commands, on_end=_ignore)
+            with self._posted_lock:
+                posted, self._posted, self._posted_told = self._posted, [], False
+            self._flush([*posted, request])
+            if request.error is not None:
+                raise request.error
+            return request.results
         finished = threading.Lock()
         finished.acquire()  # released by ``_Request.end``
         request = _Request(queue_commands, finished=finished)
@@ -372,9 +391,10 @@ class StateStore:
             )
         return cls(url, settings.dedup_ttl)
 
-    def delivered(self, event_ids: Sequence[str]) -> set[str] | None:
+    def delivered(self, event_ids: Sequence[str], *, here: bool = False) -> set[str] | None:
         """The ids among these that were delivered; ``None`` if the store cannot tell
-        (unreachable): then nothing is known, and every one is to be sent."""
+        (unreachable): then nothing is known, and every one is to be sent. ``here``: the
+        round trip on this thread (``Pipeliner.run``)."""
         if not event_ids:
             return set()
         if not self._open_for("check", len(event_ids)):
@@ -384,7 +404,8 @@ class StateStore:
             values = self._pipeliner.run(
                 lambda pipe: [
                     pipe.mget(keys[start : start + CHUNK]) for start in range(0, len(keys), CHUNK)
-                ]
+                ],
+                here=here,
             )
         except redis.RedisError as exc:
             self._failed("check", len(event_ids), exc)
@@ -426,14 +447,20 @@ class StateStore:
         return lambda pipe: [pipe.set(delivered_key(e), stamp, ex=ttl) for e in event_ids]
 
     def check(
-        self, event_ids: Sequence[str], claims: Sequence[tuple[str, Claim]], *, dedup: bool = True
+        self,
+        event_ids: Sequence[str],
+        claims: Sequence[tuple[str, Claim]],
+        *,
+        dedup: bool = True,
+        here: bool = False,
     ) -> Checked | None:
         """One round trip before the calls of these events: which were delivered (when
         ``dedup``), and which claims (each with its event's id) are superseded; the others
         are stored as the newest. ``None`` when the store cannot be reached: nothing is
-        known, everything is sent."""
+        known, everything is sent. ``here``: the round trip on this thread
+        (``Pipeliner.run``)."""
         if not claims:
-            delivered = self.delivered(event_ids) if dedup else set()
+            delivered = self.delivered(event_ids, here=here) if dedup else set()
             return None if delivered is None else Checked(delivered, set())
         if not self._open_for("check", len(event_ids)):
             return None
@@ -446,7 +473,7 @@ class StateStore:
         keys = [delivered_key(e) for e in checked] + [newest_key(e) for e in hashes]
         try:
             ((flags, superseded),) = self._pipeliner.run(
-                lambda pipe: self._check.queue(pipe, keys, argv)
+                lambda pipe: self._check.queue(pipe, keys, argv), here=here
             )
         except redis.RedisError as exc:
             self._failed("check", len(event_ids), exc)

@@ -121,14 +121,12 @@ def relay_event(
     admission, delay = relay.admit(app, [event])
     if admission is Admit.DEFER:
         return relay.deferred(attempt, delay, put_back)
-    delivered, plans = relay.check(app, [event])
-    if delivered:
+    plan, answer = relay.check_and_send(app, event)
+    if plan is None:
         return relay.suppressed(attempt)
-    plan = plans[0]
     relay.note_superseded(attempt, plan)
-    if plan.event is None:
+    if plan.event is None or answer is None:
         return relay.SUPERSEDED
-    answer = relay.send(app, plan.event)
     outage = relay.report(app, plan.event, answer)
     relay.finish(app, [(plan, answer)], wait=False)
 
