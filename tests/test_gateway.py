@@ -45,13 +45,13 @@ def settings_for(url: str, **extra: str) -> Settings:
     )
 
 
-def event(account_id: str = "acme", **kwargs: Any) -> Event:
+def event(account_id: str = "acme", event_id: str = "e-1", **kwargs: Any) -> Event:
     return track_activity(
         account_id=account_id,
         user_id="jane@acme.example",
         activity="Login",
         module="App",
-        event_id="e-1",
+        event_id=event_id,
         default_service_id=SERVICE_ID,
         **kwargs,
     )

@@ -11,10 +11,9 @@ from dataclasses import replace
 
 import pytest
 
-from tests.test_gateway import SERVICE_ID, settings_for
+from tests.test_gateway import event, settings_for
 from tests.workers import wait_until
 from totango_emulator import GatewayEmulator
-from worker.events import Event, track_activity
 from worker.gateway import Gateway, Gateways
 from worker.transfers import Engine, Transfer
 
@@ -39,17 +38,6 @@ def gateway_on(emulator: GatewayEmulator, engine: Engine) -> Gateway:
     return Gateway(settings_for(f"{emulator.url}/pixel.gif"), env={}, engine=engine)
 
 
-def event(event_id: str) -> Event:
-    return track_activity(
-        account_id="acme",
-        user_id="jane@acme.example",
-        activity="Login",
-        module="App",
-        event_id=event_id,
-        default_service_id=SERVICE_ID,
-    )
-
-
 def engine_threads() -> int:
     return sum(1 for thread in threading.enumerate() if thread.name == ENGINE_THREAD)
 
@@ -67,7 +55,7 @@ def test_the_calls_of_many_threads_are_in_flight_at_once_in_one_thread(
 
     def send(n: int) -> str:
         barrier.wait(5)
-        return gateway.send(event(f"e-{n}")).status
+        return gateway.send(event(event_id=f"e-{n}")).status
 
     with ThreadPoolExecutor(senders) as pool:
         statuses = list(pool.map(send, range(senders)))
@@ -104,9 +92,9 @@ def test_a_vet_sees_a_round_together_keeps_one_back_and_replaces_another(
 
     ids = ["first", "kept-back", "replaced", "a", "b", "c"]
     with ThreadPoolExecutor(len(ids)) as pool:
-        first = pool.submit(gateway.send_vetted, event("first"), vet)
+        first = pool.submit(gateway.send_vetted, event(event_id="first"), vet)
         wait_until(lambda: rounds == [["first"]], 5, "the first round's vet")
-        rest = {i: pool.submit(gateway.send_vetted, event(i), vet) for i in ids[1:]}
+        rest = {i: pool.submit(gateway.send_vetted, event(event_id=i), vet) for i in ids[1:]}
         wait_until(lambda: engine._queue.qsize() == len(rest), 5, "five calls queued")
         release.set()
         results = {"first": first.result(10), **{i: f.result(10) for i, f in rest.items()}}
@@ -137,12 +125,12 @@ def test_a_vet_that_fails_sends_its_round_unchecked_and_the_engine_goes_on(
         transfers[0].event = None
         raise RuntimeError("the store's answer made no sense")
 
-    answer, note = gateway.send_vetted(event("unchecked"), broken)
+    answer, note = gateway.send_vetted(event(event_id="unchecked"), broken)
     assert answer is not None
     assert answer.status == "200"
     assert note is None
     assert "sent unchecked" in caplog.text
-    assert gateway.send(event("after")).status == "200"
+    assert gateway.send(event(event_id="after")).status == "200"
     assert len(emulator.calls()) == 2
     gateway.close()
 
@@ -153,9 +141,9 @@ def test_a_call_after_the_engine_closed_is_a_connection_error_and_is_not_sent(
     """Closing the process's gateways stops their engine; a call handed over after that is
     answered ``connection_error`` at once (a retry, not a loss), and nothing is sent."""
     gateways = Gateways(settings_for(f"{emulator.url}/pixel.gif"))
-    assert gateways.send(event("before")).status == "200"
+    assert gateways.send(event(event_id="before")).status == "200"
     gateways.close()
-    answer = gateways.send(event("after"))
+    answer = gateways.send(event(event_id="after"))
     assert answer.status == "connection_error"
     assert "closed" in answer.excerpt
     assert len(emulator.calls()) == 1

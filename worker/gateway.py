@@ -253,10 +253,7 @@ class Gateway:
         self._headers_until = 0.0
 
     def send(self, event: Event) -> Answer:
-        handle = self._take()
-        started = time.perf_counter()
-        self._prepare(handle, event)
-        return self._answer(handle, Transfer(handle.curl, event), started)
+        return self._call(event)
 
     def send_vetted(self, event: Event, vet: Vet | None) -> tuple[Answer | None, Any]:
         """The call, after ``vet`` (``worker.transfers``) has seen it with the other calls
@@ -269,8 +266,12 @@ class Gateway:
         answer = self._run(handle, transfer, started)
         return (None if answer is None else self._answer_of(answer, transfer)), transfer.note
 
-    def _answer(self, handle: _Handle, transfer: Transfer, started: float) -> Answer:
-        """The call of an unvetted transfer, which is always made."""
+    def _call(self, event: Event, method: str | None = None) -> Answer:
+        """An unvetted call, which is always made (``method``: by default ``method_for``)."""
+        handle = self._take()
+        started = time.perf_counter()
+        self._prepare(handle, event, method)
+        transfer = Transfer(handle.curl, event)
         answer = self._run(handle, transfer, started)
         if answer is None:  # pragma: no cover - only a vet keeps a call back
             raise RuntimeError("an unvetted call was not sent")
@@ -282,10 +283,7 @@ class Gateway:
             # URI Too Long: something on the way takes shorter URLs than
             # TOTANGO_MAX_URL_LENGTH. The same event as a form body, once, in this attempt;
             # retrying the same GET would only be refused again.
-            handle = self._take()
-            started = time.perf_counter()
-            self._prepare(handle, transfer.event, "POST")
-            post = self._answer(handle, Transfer(handle.curl, transfer.event), started)
+            post = self._call(transfer.event, "POST")
             return Answer(
                 post.status,
                 post.retry_after,

@@ -229,9 +229,7 @@ class Pipeliner:
         before, and a copy be sent (at least once)."""
         if here:
             request = _Request(queue_commands, on_end=_ignore)
-            with self._posted_lock:
-                posted, self._posted, self._posted_told = self._posted, [], False
-            self._flush([*posted, request])
+            self._flush([*self._take_posted(), request])
             if request.error is not None:
                 raise request.error
             return request.results
@@ -298,12 +296,17 @@ class Pipeliner:
                 stop = more is None
                 if more is not None and more is not _POSTED:
                     batch.append(more)
-            with self._posted_lock:
-                posted, self._posted, self._posted_told = self._posted, [], False
+            posted = self._take_posted()
             if posted or batch:
                 self._flush(posted + batch)
             if stop:
                 return
+
+    def _take_posted(self) -> list[_Request]:
+        """The posted requests not sent yet, for the round trip about to be made."""
+        with self._posted_lock:
+            posted, self._posted, self._posted_told = self._posted, [], False
+        return posted
 
     def _flush(self, batch: list[_Request]) -> None:
         try:
