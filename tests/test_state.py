@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from tests.faults.processes import PrivateRedis, free_port
 from tests.workers import wait_until
 from totango_emulator import GatewayEmulator
-from worker import state
+from worker import relay, state
 from worker.application import TotangoCelery
 from worker.contract import TRACK_ACTIVITY, TRACK_BATCH
 from worker.deadletter import browse, pause_before, publish, replay
@@ -262,6 +262,26 @@ def test_a_second_copy_of_a_delivered_event_is_acknowledged_without_a_call(
     assert len(gateway.calls()) == 1
     after = sample("totango_events_duplicates_suppressed_total", task=TRACK_ACTIVITY)
     assert after == before + 1
+
+
+def test_a_check_that_fails_in_the_engine_sends_the_event_and_settles_its_answer(
+    make_app: Callable[..., TotangoCelery],
+    gateway: GatewayEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fail open: when the state store's check raises on the gateway engine's thread (a
+    bug, not an unreachable store), the event is sent unchecked and its answer is settled
+    as any other: a 503 with no retries left is dead-lettered, not taken for a duplicate."""
+    app = make_app(TOTANGO_MAX_RETRIES="0")
+    gateway.add_rule(None, [503])
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("a bug in the check")
+
+    monkeypatch.setattr(relay, "check", broken)
+    task = app.tasks[TRACK_ACTIVITY]
+    assert task.apply(kwargs=activity("unchecked-1"), task_id="t-1").get() == "dead_lettered"
+    assert [c.status for c in gateway.calls()] == [503]
 
 
 def test_an_event_without_an_id_is_known_by_its_task_id(

@@ -117,12 +117,14 @@ def test_a_vet_sees_a_round_together_keeps_one_back_and_replaces_another(
 def test_a_vet_that_fails_sends_its_round_unchecked_and_the_engine_goes_on(
     emulator: GatewayEmulator, engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Fail open: a vet that raises (after changing a transfer) is logged, its calls are
-    sent as they were prepared, and the next call goes through the same engine."""
+    """Fail open: a vet that raises (after changing a transfer and noting it) is logged,
+    its calls are sent as they were prepared with no note, and the next call goes through
+    the same engine."""
     gateway = gateway_on(emulator, engine)
 
     def broken(transfers: list[Transfer]) -> None:
         transfers[0].event = None
+        transfers[0].note = "half done"
         raise RuntimeError("the store's answer made no sense")
 
     answer, note = gateway.send_vetted(event(event_id="unchecked"), broken)

@@ -197,14 +197,16 @@ class Vetting:
 
 def check_and_send(app: TotangoCelery, event: Event) -> tuple[Plan | None, Answer | None]:
     """A single event's check and call, waited for once (``Vetting``): its plan (``None``:
-    delivered before) and the call's answer (``None``: not sent). Without the store's check
-    the plan is the event as it came."""
+    delivered before) and the call's answer (``None``: not sent). Without the store's check,
+    or when the check failed and the call was sent unchecked (no note), the plan is the
+    event as it came."""
     vet = app.vetting if checks(app) else None
     with metrics.gateway_call():
         answer, note = app.gateway.get().for_event(event).send_vetted(event, vet)
-    plan: Plan | None = note if vet is not None else Plan(event, event)
-    if answer is not None and plan is not None and plan.event is not None:
-        account(app, plan.event, answer)
+    if answer is None:
+        return note, None
+    plan: Plan = note if note is not None else Plan(event, event)
+    account(app, plan.event or event, answer)
     return plan, answer
 
 

@@ -172,10 +172,10 @@ class Engine:
             prepared = [transfer.event for transfer in transfers]
             try:
                 vet(transfers)
-            except Exception:  # fail open: sent as prepared
+            except Exception:  # fail open: sent as prepared, with no note
                 log.exception("vetting %d gateway calls; they are sent unchecked", len(transfers))
                 for transfer, event in zip(transfers, prepared, strict=True):
-                    transfer.event = event
+                    transfer.event, transfer.note = event, None
             for transfer, event in zip(transfers, prepared, strict=True):
                 if transfer.event is None:
                     transfer.end()
