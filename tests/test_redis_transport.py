@@ -274,3 +274,65 @@ def test_an_unparseable_item_is_set_aside_under_its_own_queue(url: str) -> None:
     assert message.payload == {"n": 7}
     assert client.lrange(second.name + UNPARSEABLE_SUFFIX, 0, -1) == [b"not json either"]
     assert client.llen(first.name + UNPARSEABLE_SUFFIX) == 0
+
+
+def test_one_fetch_takes_a_backlog_within_the_prefetch_limit(url: str, queue: Queue) -> None:
+    """While a backlog waits, one fetch brings as many messages as the prefetch limit leaves
+    room for (here 5 of 12, in one ``drain_events``), each reserved before it is handed
+    over; none beyond the limit is taken off the list. Acknowledging them makes room, and
+    the next fetches bring the rest, in the order published."""
+    for n in range(12):
+        publish(url, queue, {"n": n})
+    client = redis.Redis.from_url(url)
+    got: list[Message] = []
+    with (
+        ours(url) as conn,
+        Consumer(conn, [queue], callbacks=[lambda _b, m: got.append(m)], prefetch_count=5),
+    ):
+        conn.drain_events(timeout=5)
+        assert [m.payload["n"] for m in got] == [0, 1, 2, 3, 4]
+        assert client.llen(queue.name) == 7
+        assert client.hlen(UNACKED) == 5
+        assert all(client.hexists(UNACKED, m.delivery_tag) for m in got)
+        deadline = time.monotonic() + 10
+        while len(got) < 12 and time.monotonic() < deadline:
+            for message in got:
+                if not message.acknowledged:
+                    message.ack()
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=1)
+        for message in got:
+            if not message.acknowledged:
+                message.ack()
+    assert [m.payload["n"] for m in got] == list(range(12))
+    assert client.hlen(UNACKED) == 0
+    assert client.llen(queue.name) == 0
+
+
+def test_a_fetch_cut_short_by_a_failing_consumer_puts_the_rest_back(url: str, queue: Queue) -> None:
+    """A consumer callback that raises stops the hand-over of a multi-message fetch: the
+    messages not handed over go back on the list at once (not left reserved until the
+    visibility timeout), and are fetched again; the one handed over stays reserved."""
+    for n in range(4):
+        publish(url, queue, {"n": n})
+    client = redis.Redis.from_url(url)
+    got: list[Message] = []
+    fail = [True]
+
+    def fail_on_second(_body: Any, message: Message) -> None:
+        got.append(message)
+        if len(got) == 2 and fail and fail.pop():
+            raise RuntimeError("the consumer failed")
+
+    with (
+        ours(url) as conn,
+        Consumer(conn, [queue], callbacks=[fail_on_second], prefetch_count=10),
+    ):
+        with pytest.raises(RuntimeError, match="the consumer failed"):
+            conn.drain_events(timeout=5)
+        assert [m.payload["n"] for m in got] == [0, 1]
+        assert client.llen(queue.name) == 2  # messages 2 and 3, put back
+        assert client.hlen(UNACKED) == 2  # 0 and 1, handed over
+        got.clear()
+        conn.drain_events(timeout=5)
+        assert sorted(m.payload["n"] for m in got) == [2, 3]

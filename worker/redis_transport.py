@@ -8,15 +8,18 @@ The fault suite (``make faults``) catches this on a few runs in ten.
 
 This channel closes the window. It waits with ``BLMOVE queue queue RIGHT RIGHT``, which
 blocks until the queue has a message but moves it back onto the same end, so it changes
-nothing. It then takes the message with one Lua script that pops it and records it in
-``unacked`` and ``unacked_index`` in the same atomic step. Whatever dies and whenever, a
-message is either still in its list or reserved, and a reserved message comes back after
-``visibility_timeout``. While messages keep coming, the script itself is the command the
-event loop waits for, with no wake-up before it. With several queues (a worker without
-``-Q`` takes ``totango`` and ``totango.batch``), the script looks at every queue; an idle
-channel watches one at a time for at most ``IDLE_LOOK``, since Redis cannot block on
-several lists without taking from them. Everything else (publishing, acks, restore,
-fan-out) is kombu's.
+nothing. It then takes messages with one Lua script that pops each and records it in
+``unacked`` and ``unacked_index`` in the same atomic step: as many as the prefetch limit
+leaves room for, at most ``FETCH_MAX``, so that a backlog costs one round trip per
+``FETCH_MAX`` messages, not one per message. Whatever dies and whenever, a message is either
+still in its list or reserved, and a reserved message comes back after
+``visibility_timeout``; one that was fetched but not handed over (its queue no longer
+consumed, a consumer that raised) is put back at once. While messages keep coming, the
+script itself is the command the event loop waits for, with no wake-up before it. With
+several queues (a worker without ``-Q`` takes ``totango`` and ``totango.batch``), the script
+looks at every queue; an idle channel watches one at a time for at most ``IDLE_LOOK``, since
+Redis cannot block on several lists without taking from them. Everything else
+(publishing, acks, restore, fan-out) is kombu's.
 
 It needs Redis 6.2 or later (``BLMOVE``). A channel that has a ``no_ack`` consumer keeps
 kombu's own fetch, since nothing would ever acknowledge what the script reserves.
@@ -43,34 +46,50 @@ IDLE_LOOK = 0.2
 
 # KEYS: unacked hash, unacked index, then for each list to take from, in order, the list
 # and the list its unparseable items go to. ARGV: the time to record, as kombu's own
-# QoS.append records it. Returns {number of the list, message} or false. The message is
-# stored in ``unacked`` as kombu stores it, ``[message, exchange, routing_key]``, built from
-# the raw text so that nothing in it is re-encoded. A list item that is not a kombu message
-# cannot be reserved by its tag: it is moved whole to its queue's unparseable list, never
-# dropped, and the number is negative.
+# QoS.append records it, and how many messages to take at most. Returns, flat, the number
+# of each item's list and the item, in the order taken (each list emptied before the next,
+# so a priority list goes first), or false when every list was empty. A message is stored in
+# ``unacked`` as kombu stores it, ``[message, exchange, routing_key]``, built from the raw
+# text so that nothing in it is re-encoded. A list item that is not a kombu message cannot
+# be reserved by its tag: it is moved whole to its queue's unparseable list, never dropped,
+# and its number is negative.
 FETCH_SCRIPT = """
+local want = tonumber(ARGV[2]) or 1
+local taken = {}
+local count = 0
 for i = 3, #KEYS, 2 do
-  local item = redis.call('RPOP', KEYS[i])
-  if item then
-    local n = (i - 1) / 2
+  local n = (i - 1) / 2
+  while count < want do
+    local item = redis.call('RPOP', KEYS[i])
+    if not item then break end
+    count = count + 1
     local ok, message = pcall(cjson.decode, item)
     local properties = ok and type(message) == 'table' and message['properties']
     local tag = type(properties) == 'table' and properties['delivery_tag']
     local info = type(properties) == 'table' and properties['delivery_info']
     if type(tag) ~= 'string' or type(info) ~= 'table' then
       redis.call('LPUSH', KEYS[i + 1], item)
-      return {-n, item}
+      taken[#taken + 1] = -n
+    else
+      local exchange = info['exchange'] or ''
+      local routing_key = info['routing_key'] or ''
+      redis.call('ZADD', KEYS[2], ARGV[1], tag)
+      redis.call('HSET', KEYS[1], tag, '[' .. item .. ', ' .. cjson.encode(exchange) ..
+        ', ' .. cjson.encode(routing_key) .. ']')
+      taken[#taken + 1] = n
     end
-    local exchange = info['exchange'] or ''
-    local routing_key = info['routing_key'] or ''
-    redis.call('ZADD', KEYS[2], ARGV[1], tag)
-    redis.call('HSET', KEYS[1], tag, '[' .. item .. ', ' .. cjson.encode(exchange) ..
-      ', ' .. cjson.encode(routing_key) .. ']')
-    return {n, item}
+    taken[#taken + 1] = item
   end
+  if count >= want then break end
 end
-return false
+if count == 0 then return false end
+return taken
 """
+
+#: The most messages one fetch takes, within the room the prefetch limit leaves. While a
+#: backlog waits, one round trip brings this many (each reserved as it is taken), instead
+#: of one round trip per message.
+FETCH_MAX = 16
 
 UNPARSEABLE_SUFFIX = ".unparseable"
 
@@ -149,7 +168,7 @@ class Channel(_KombuChannel):  # type: ignore[misc]
             # every queue is looked at.
             keys, self._pending_fetch = self._fetch_keys(queues)
             self.client.connection.send_command(
-                "EVALSHA", self._fetch_sha, len(keys), *keys, repr(time())
+                "EVALSHA", self._fetch_sha, len(keys), *keys, repr(time()), self._room()
             )
             return
         # Nothing was waiting: block until the cycle's first queue has a message (BLMOVE
@@ -190,8 +209,8 @@ class Channel(_KombuChannel):  # type: ignore[misc]
             # Closing reads the pending wake-up only to free the connection; the wake-up
             # took nothing, so nothing is fetched now that nobody would run it.
             raise Empty
-        found = self._fetch_reserved(queues)
-        if found is None:
+        found = self._fetch_reserved(queues, self._room())
+        if not found:
             self._busy = False
             if watched in queues:
                 self._queue_cycle.rotate(watched)  # the next wait watches another queue
@@ -216,24 +235,44 @@ class Channel(_KombuChannel):  # type: ignore[misc]
             self._pending_fetch = None
             self._flush_brpop_reauth()
         found = self._found(reply, lists)
-        if found is None:
+        if not found:
             self._busy = False
             raise Empty
-        if self._closing or found[0] not in self.active_queues:
-            # Reserved, but nobody will run it now: put it back at once rather than leave it
-            # to the visibility timeout.
-            tag = found[1]["properties"]["delivery_tag"]
-            self._reserved.discard(tag)
-            self.qos.restore_by_tag(tag)
+        if self._closing:
+            self._put_back(found)
             raise Empty
         return self._deliver_found(found)
 
-    def _deliver_found(self, found: tuple[str, dict[str, Any]]) -> bool:
-        queue, payload = found
+    def _room(self) -> int:
+        """How many messages the next fetch may take: what the prefetch limit leaves, at
+        most ``FETCH_MAX`` (the poller only fetches while there is room for one)."""
+        room = self.qos.can_consume_max_estimate()
+        return FETCH_MAX if room is None else max(1, min(FETCH_MAX, room))
+
+    def _deliver_found(self, found: list[tuple[str, dict[str, Any]]]) -> bool:
+        """Hand each fetched message to its queue's consumer. One whose queue is no longer
+        consumed, and every one after a consumer that raised, is put back at once rather
+        than left to the visibility timeout."""
         self._busy = True
-        self._queue_cycle.rotate(queue)
-        self.connection._deliver(payload, queue)
+        active = self.active_queues
+        for position, (queue, payload) in enumerate(found):
+            if queue not in active:
+                self._put_back([(queue, payload)])
+                continue
+            self._queue_cycle.rotate(queue)
+            try:
+                self.connection._deliver(payload, queue)
+            except BaseException:
+                self._put_back(found[position + 1 :])
+                raise
         return True
+
+    def _put_back(self, found: list[tuple[str, dict[str, Any]]]) -> None:
+        """Reserved, but nobody will run these now: back on their lists."""
+        for _queue, payload in found:
+            tag = payload["properties"]["delivery_tag"]
+            self._reserved.discard(tag)
+            self.qos.restore_by_tag(tag)
 
     def _poll_error(self, type: str, **options: Any) -> None:
         if type == "BRPOP" and self._pending_fetch is not None:
@@ -274,10 +313,10 @@ class Channel(_KombuChannel):  # type: ignore[misc]
         if no_ack:
             message: Message | None = super().basic_get(queue, no_ack=True, **kwargs)
             return message
-        found = self._fetch_reserved([queue])
-        if found is None:
+        found = self._fetch_reserved([queue], 1)
+        if not found:
             return None
-        message = self.Message(found[1], channel=self)
+        message = self.Message(found[0][1], channel=self)
         self.qos.append(message, message.delivery_tag)
         return message
 
@@ -293,40 +332,41 @@ class Channel(_KombuChannel):  # type: ignore[misc]
             keys += [key, prefix + queue + UNPARSEABLE_SUFFIX]
         return keys, lists
 
-    def _fetch_reserved(self, queues: list[str]) -> tuple[str, dict[str, Any]] | None:
-        """Pop the next message of ``queues`` and reserve it, in one atomic step."""
+    def _fetch_reserved(self, queues: list[str], want: int) -> list[tuple[str, dict[str, Any]]]:
+        """Pop up to ``want`` messages of ``queues`` and reserve each, in one atomic step."""
         keys, lists = self._fetch_keys(queues)
         with self.conn_or_acquire() as client:
-            reply = self._run_fetch(client, keys, time())
+            reply = self._run_fetch(client, keys, time(), want)
         return self._found(reply, lists)
 
-    def _found(self, reply: Any, lists: list[tuple[str, str]]) -> tuple[str, dict[str, Any]] | None:
-        """The queue and message of a script reply, or None when it reserved nothing."""
-        if not reply:
-            return None
-        number, raw = int(reply[0]), reply[1]
-        if number < 0:
-            queue, key = lists[-number - 1]
-            logger.error(
-                "a message in Redis list %s is not a kombu message; moved it to %s",
-                key,
-                self.global_keyprefix + queue + UNPARSEABLE_SUFFIX,
-            )
-            return None
-        queue = lists[number - 1][0]
-        payload: dict[str, Any] = loads(raw.decode() if isinstance(raw, bytes) else raw)
-        self._reserved.add(payload["properties"]["delivery_tag"])
-        return queue, payload
+    def _found(self, reply: Any, lists: list[tuple[str, str]]) -> list[tuple[str, dict[str, Any]]]:
+        """The queue and message of each item a script reply reserved, in order."""
+        found: list[tuple[str, dict[str, Any]]] = []
+        for number_text, raw in zip(*[iter(reply or ())] * 2, strict=True):
+            number = int(number_text)
+            if number < 0:
+                queue, key = lists[-number - 1]
+                logger.error(
+                    "a message in Redis list %s is not a kombu message; moved it to %s",
+                    key,
+                    self.global_keyprefix + queue + UNPARSEABLE_SUFFIX,
+                )
+                continue
+            queue = lists[number - 1][0]
+            payload: dict[str, Any] = loads(raw.decode() if isinstance(raw, bytes) else raw)
+            self._reserved.add(payload["properties"]["delivery_tag"])
+            found.append((queue, payload))
+        return found
 
-    def _run_fetch(self, client: Any, keys: list[str], now: float) -> Any:
+    def _run_fetch(self, client: Any, keys: list[str], now: float, want: int) -> Any:
         # Keys are prefixed above; kombu's prefixing client would prefix only the first.
         execute: Any = redis.Redis.execute_command
         if self._fetch_sha is None:
             self._fetch_sha = execute(client, "SCRIPT", "LOAD", FETCH_SCRIPT)
         try:
-            return execute(client, "EVALSHA", self._fetch_sha, len(keys), *keys, repr(now))
+            return execute(client, "EVALSHA", self._fetch_sha, len(keys), *keys, repr(now), want)
         except redis.exceptions.NoScriptError:
-            return execute(client, "EVAL", FETCH_SCRIPT, len(keys), *keys, repr(now))
+            return execute(client, "EVAL", FETCH_SCRIPT, len(keys), *keys, repr(now), want)
 
 
 class Transport(kombu_redis.Transport):
