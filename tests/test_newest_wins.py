@@ -12,12 +12,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import redis
 
 from tests.faults.processes import PrivateRedis, free_port
 from tests.test_state import sample
 from tests.workers import wait_until
 from totango_emulator import GatewayEmulator
+from worker import state
 from worker.application import TotangoCelery
 from worker.contract import QUEUE, TRACK_ACTIVITY, TRACK_BATCH, UPDATE_ACCOUNT
 from worker.newest import Claim, Entity
@@ -153,6 +155,46 @@ def test_finish_without_waiting_hands_the_newer_claims_to_a_callback(store_url: 
         assert newer == [[claim("v2", T2)]]
     finally:
         store.close()
+
+
+def test_finishes_posted_before_a_round_trip_go_as_one_script_call(
+    store: PrivateRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three events' finishes posted before the next round trip reach the store as one
+    script call (one command for all, counted on a redis-server of the test's own), and the
+    answer is split: only the event whose claim a newer one replaced hears of it, and only
+    of its own; every id is recorded."""
+    state_store = StateStore(store.url, ttl=600)
+    client = redis.Redis.from_url(store.url)
+    newer: dict[str, list[Claim]] = {}
+    came = threading.Event()
+
+    def hears(event_id: str) -> Callable[[list[Claim]], None]:
+        def on_newer(claims: list[Claim]) -> None:
+            newer[event_id] = claims
+            came.set()
+
+        return on_newer
+
+    def script_calls() -> int:
+        stats = client.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    try:
+        assert state_store.check(["e2"], [("e2", claim("v2", T2))]) is not None
+        assert state_store.check(["e3"], [("e3", claim("9", T2, "sdr_o.S"))]) is not None
+        monkeypatch.setattr(state, "POST_DELAY", 5.0)  # held for the check below
+        before = script_calls()
+        state_store.finish_later(["e1"], [claim("v1", T1)], hears("e1"))  # v2 replaced it
+        state_store.finish_later(["e3"], [claim("9", T2, "sdr_o.S")], hears("e3"))  # stands
+        state_store.record_later(["e4"])
+        assert state_store.delivered(["e1", "e3", "e4", "e5"]) == {"e1", "e3", "e4"}
+        assert script_calls() - before == 1
+        assert came.wait(10)
+        assert newer == {"e1": [claim("v2", T2)]}
+    finally:
+        client.close()
+        state_store.close()
 
 
 def test_an_unreachable_store_fails_open_for_claims_too() -> None:

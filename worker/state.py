@@ -94,19 +94,21 @@ return {delivered, superseded}
 #: After the calls, in one round trip: record the delivered ids, and return every claim that
 #: a newer one replaced meanwhile. KEYS: the delivered keys to set, then the hashes. ARGV:
 #: ttl, stamp, number of delivered keys, then per claim: its hash's position, the parameter,
-#: the time and the value. Returned flat: hash position, parameter, stored time, value.
+#: the time and the value. Returned flat, per replaced claim: its position among the claims
+#: (1-based), the stored time and the stored value.
 FINISH_SCRIPT = """
 local ttl = tonumber(ARGV[1])
 local recorded = tonumber(ARGV[3])
 for i = 1, recorded do redis.call('SET', KEYS[i], ARGV[2], 'EX', ttl) end
 local newer = {}
+local n = 0
 for j = 4, #ARGV, 4 do
+  n = n + 1
   local entry = redis.call('HGET', KEYS[tonumber(ARGV[j])], ARGV[j + 1])
   if entry and entry ~= ARGV[j + 2] .. ':' .. ARGV[j + 3] then
     local sep = string.find(entry, ':', 1, true)
     if tonumber(string.sub(entry, 1, sep - 1)) >= tonumber(ARGV[j + 2]) then
-      newer[#newer + 1] = ARGV[j]
-      newer[#newer + 1] = ARGV[j + 1]
+      newer[#newer + 1] = n
       newer[#newer + 1] = string.sub(entry, 1, sep - 1)
       newer[#newer + 1] = string.sub(entry, sep + 1)
     end
@@ -124,6 +126,20 @@ class Checked:
     delivered: set[str]
     #: Positions (in the claims given) of the claims a newer value supersedes.
     superseded: set[int]
+
+
+@dataclass(frozen=True)
+class _Finish:
+    """One caller's ``finish_later``: the ids to record, the claims to look at again, and
+    who hears of the newer ones."""
+
+    delivered: Sequence[str]
+    claims: Sequence[Claim]
+    on_newer: Callable[[list[Claim]], object] | None = None
+
+    @property
+    def events(self) -> int:
+        return len(self.delivered) or 1
 
 
 def redacted(url: str) -> str:
@@ -207,8 +223,9 @@ class Pipeliner:
 
     def __init__(self, client: redis.Redis, scripts: Sequence[Script] = ()) -> None:
         self._client = client
-        #: Loaded when the store answers NOSCRIPT.
+        #: Loaded before the first round trip, and again when the store answers NOSCRIPT.
         self._scripts = tuple(scripts)
+        self._loaded = False
         self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -310,6 +327,14 @@ class Pipeliner:
 
     def _flush(self, batch: list[_Request]) -> None:
         try:
+            if not self._loaded:
+                # Loaded first, so that a record sent by script reaches the store before a
+                # check queued after it in the same round trip. After a restart of the store
+                # (its scripts gone), one round trip's checks may miss its records, and a
+                # copy be sent: at least once, as while the store is down.
+                for script in self._scripts:
+                    self._client.script_load(script.text)
+                self._loaded = True
             answered = self._round_trip(batch)
             unknown = [r for r, results in answered if any(map(_no_script, results))]
             if unknown:  # the store restarted or was flushed: load the scripts, send again
@@ -381,6 +406,9 @@ class StateStore:
         self._check = Script(CHECK_SCRIPT)
         self._finish = Script(FINISH_SCRIPT)
         self._pipeliner = Pipeliner(self._client, (self._check, self._finish))
+        #: The finishes posted for the next round trip, not queued in it yet (``post_finish``).
+        self._group: list[_Finish] | None = None
+        self._group_lock = threading.Lock()
         _open.add(self)
         self._skip_until = 0.0
         self._warning = observability.Throttle(LOG_EVERY)
@@ -437,12 +465,15 @@ class StateStore:
         them (one connection, in order). ``ride=False`` for a batch's events: its message
         is acknowledged only at its end, and a batch cut short sends again every event not
         recorded yet, so the record goes at once instead of waiting for the next check."""
-        if event_ids and self._open_for("record", len(event_ids)):
-            self._pipeliner.post(
-                self._recording(event_ids),
-                self._on_failure("record", len(event_ids)),
-                ride=ride,
-            )
+        if not ride:
+            if event_ids and self._open_for("record", len(event_ids)):
+                self._pipeliner.post(
+                    self._recording(event_ids),
+                    self._on_failure("record", len(event_ids)),
+                    ride=False,
+                )
+            return
+        self._post_finish(_Finish(event_ids, ()))
 
     def _recording(self, event_ids: Sequence[str]) -> Queueing:
         stamp = f"{time.time():.3f}"
@@ -497,7 +528,7 @@ class StateStore:
             return None
         queue_commands, newer = self._finishing(delivered, claims)
         try:
-            return newer(self._pipeliner.run(queue_commands))
+            return [claim for _, claim in newer(self._pipeliner.run(queue_commands))]
         except redis.RedisError as exc:
             self._failed("record", len(delivered) or 1, exc)
             return None
@@ -511,41 +542,70 @@ class StateStore:
         """``finish`` without waiting for the store's answer: ``on_newer`` is called on the
         flusher's thread with the claims that replaced any of ``claims``, if there are any;
         a failure is counted and logged there."""
-        if not claims:
-            self.record_later(delivered)
+        self._post_finish(_Finish(delivered, claims, on_newer))
+
+    def _post_finish(self, finish: _Finish) -> None:
+        """Post a finish: every finish posted before the next round trip goes in it as one
+        script call (one command and one reply for all their events, not one each), at most
+        ``CHUNK`` finishes a call."""
+        if not (finish.delivered or finish.claims) or not self._open_for("record", finish.events):
             return
-        if not self._open_for("record", len(delivered) or 1):
-            return
-        queue_commands, newer = self._finishing(delivered, claims)
-        failed = self._on_failure("record", len(delivered) or 1)
+        with self._group_lock:
+            group = self._group
+            if group is not None and len(group) < CHUNK:
+                group.append(finish)
+                return
+            group = self._group = [finish]
+        readers: list[Callable[[list[Any]], list[tuple[int, Claim]]]] = []
+
+        def close() -> list[_Finish]:
+            """The group as it stands; later finishes go in a group of their own."""
+            with self._group_lock:
+                if self._group is group:
+                    self._group = None
+            return group
+
+        def queue_commands(pipe: redis.client.Pipeline) -> None:
+            finishes = close()
+            queue, newer = self._finishing(
+                [e for f in finishes for e in f.delivered], [c for f in finishes for c in f.claims]
+            )
+            readers.append(newer)
+            queue(pipe)
 
         def ended(results: list[Any], error: Exception | None) -> None:
-            if error is not None:
-                failed(results, error)
+            finishes = close()
+            if error is not None or not readers:
+                self._failed("record", sum(f.events for f in finishes), error or _NOT_QUEUED)
                 return
-            replaced = newer(results)
-            if replaced:
-                on_newer(replaced)
+            owners = [f for f in finishes for _ in f.claims]
+            replaced: dict[int, list[Claim]] = {}
+            for position, claim in readers[0](results):
+                replaced.setdefault(id(owners[position]), []).append(claim)
+            for f in finishes:
+                if f.on_newer is not None and id(f) in replaced:
+                    f.on_newer(replaced[id(f)])
 
         self._pipeliner.post(queue_commands, ended)
 
     def _finishing(
         self, delivered: Sequence[str], claims: Sequence[Claim]
-    ) -> tuple[Queueing, Callable[[list[Any]], list[Claim]]]:
-        """The commands of ``finish``, and how to read their answer."""
+    ) -> tuple[Queueing, Callable[[list[Any]], list[tuple[int, Claim]]]]:
+        """The commands of ``finish``, and how to read their answer: each claim a newer one
+        replaced, as its position in ``claims`` and the newer claim."""
         hashes, slots = _hash_slots(claims, after=len(delivered))
         argv: list[str | int] = [self.ttl, f"{time.time():.3f}", len(delivered)]
         for claim, slot in zip(claims, slots, strict=True):
             argv += [slot, claim.param, claim.at, claim.value]
         keys = [delivered_key(e) for e in delivered] + [newest_key(e) for e in hashes]
-        entities = {slot: entity for entity, slot in hashes.items()}
 
-        def newer(results: list[Any]) -> list[Claim]:
+        def newer(results: list[Any]) -> list[tuple[int, Claim]]:
             (flat,) = results
-            return [
-                Claim(entities[int(slot)], _text(param), _text(value), int(at))
-                for slot, param, at, value in zip(*[iter(flat)] * 4, strict=True)
-            ]
+            out = []
+            for number, at, value in zip(*[iter(flat)] * 3, strict=True):
+                old = claims[int(number) - 1]
+                out.append((int(number) - 1, Claim(old.entity, old.param, _text(value), int(at))))
+            return out
 
         return (lambda pipe: self._finish.queue(pipe, keys, argv)), newer
 
@@ -596,6 +656,10 @@ class StateStore:
 
 #: This process's stores, so that a process that exits cleanly sends what is queued first.
 _open: weakref.WeakSet[StateStore] = weakref.WeakSet()
+
+
+#: The error counted for finishes whose round trip ended before they were queued in it.
+_NOT_QUEUED = redis.RedisError("the round trip ended before the records were queued")
 
 
 def close_all() -> None:
