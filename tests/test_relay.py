@@ -497,6 +497,36 @@ def test_bad_messages_neither_crash_nor_wedge_the_worker(
     assert "hello" in headerless.raw_body
 
 
+def test_protocol_1_and_hybrid_messages_are_delivered(
+    *,
+    broker_url: str,
+    worker: Popen[bytes],
+    gateway: GatewayEmulator,
+    worker_log: Path,
+) -> None:
+    """A foreign producer's protocol-1 message (task and arguments in the body, no task
+    header) and a hybrid one (a task header, the arguments in a protocol-1 body) are
+    delivered like a protocol-2 one: the consumer decodes each body once and hands the pool
+    what it decoded (``worker.consumer.DecodedOnce``), whichever protocol it came in."""
+    proto1, hybrid = valid_activity("proto-1"), valid_activity("hybrid")
+    publish_raw(
+        broker_url,
+        {"task": "totango.track_activity", "id": new_id(), "args": [], "kwargs": proto1},
+        serializer="json",
+    )
+    publish_raw(
+        broker_url,
+        {"args": [], "kwargs": hybrid},
+        serializer="json",
+        headers={"task": "totango.track_activity", "id": new_id(), "lang": "py"},
+    )
+    (first,) = wait_calls(gateway, "proto-1", 1, worker_log)
+    (second,) = wait_calls(gateway, "hybrid", 1, worker_log)
+    assert worker.poll() is None, tail(worker_log, 40)
+    assert ("sdr_a", "A") in first.params
+    assert ("sdr_a", "A") in second.params
+
+
 # --- 8. settings are checked at start ------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from worker import batch, signals, tasks
 from worker.circuit import Circuit
-from worker.consumer import DeclareQueues, Heartbeat
+from worker.consumer import DeclareQueues, Heartbeat, request_class
 from worker.gateway import Gateways
 from worker.pausing import OutagePause
 from worker.process_local import PerProcess
@@ -67,6 +67,9 @@ def worker_config(settings: Settings) -> dict[str, Any]:
         "worker_concurrency": settings.concurrency,
         "worker_hijack_root_logger": False,
         "worker_consumer": "worker.consumer:RelayConsumer",
+        # Every task's request: a body decoded once, in the consumer, where the pool is
+        # in-process (worker.consumer.DecodedOnce); Celery's own under prefork.
+        "task_annotations": {"*": {"Request": request_class(settings)}},
         # Flower's task views need them; on Redis they are about a quarter of a single
         # event's CPU (docs/benchmarks.md), so a deployment without Flower may turn them off.
         "worker_send_task_events": settings.task_events,

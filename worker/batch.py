@@ -54,6 +54,7 @@ def register(app: TotangoCelery) -> None:
     rounds = math.ceil(events.MAX_BATCH_EVENTS / senders_for(events.MAX_BATCH_EVENTS, settings))
     app.task(
         name=TRACK_BATCH,
+        shared=False,  # this app's settings: not registered in every later app as well
         bind=True,
         max_retries=settings.max_retries,  # spent only by task_retry_on_worker_lost
         default_retry_delay=WORKER_LOST_RETRY_DELAY,

@@ -15,11 +15,12 @@ from typing import Any
 from celery import bootsteps
 from celery.worker.consumer import Consumer
 from celery.worker.consumer.delayed_delivery import DelayedDelivery
+from celery.worker.request import Request
 
 from worker.contract import BATCH_QUEUE, QUEUE
 from worker.deadletter import dead_letter
 from worker.envelope import Envelope
-from worker.settings import broker_kind
+from worker.settings import Settings, broker_kind
 from worker.topology import dead_letter_queue
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,38 @@ EVENT_FLUSH_INTERVAL = 0.05
 #: ... or as soon as this many are buffered, by the thread that buffers the last one
 #: (Celery's default is 24).
 EVENT_BUFFER_LIMIT = 500
+
+
+#: Pools that run a task in the consumer's own process, where a decoded body can be handed
+#: over as it is (prefork pickles it to a child, which decodes the raw body faster itself).
+IN_PROCESS_POOLS = frozenset({"threads", "solo"})
+
+
+class DecodedOnce(Request):
+    """Celery's request, handing the pool the body the consumer has already decoded.
+
+    For a protocol-2 message Celery parses the body in the consumer (``Request`` reads
+    ``message.payload`` for the task's arguments, and the default strategy reads it to spot a
+    hybrid message), then passes the raw body to the pool, whose tracer parses it again:
+    every message's JSON decoded twice, both under the one GIL. Marked decoded, the pool
+    takes the consumer's arguments as Celery does for a protocol-1 message. The consumer's
+    decode checks the content type against ``accept_content`` as before, and a body that
+    does not decode still raises here, in the consumer, where ``RelayConsumer``
+    dead-letters it."""
+
+    __slots__ = ()
+
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        if not kwargs.get("decoded"):
+            kwargs.update(body=message.payload, decoded=True)
+        super().__init__(message, *args, **kwargs)
+
+
+def request_class(settings: Settings) -> str:
+    """A task's ``Request`` option: ``DecodedOnce`` where the pool is in-process."""
+    if settings.pool in IN_PROCESS_POOLS:
+        return f"{__name__}:{DecodedOnce.__name__}"
+    return "celery.worker.request:Request"  # Celery's default
 
 
 class RelayConsumer(Consumer):

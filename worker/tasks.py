@@ -60,6 +60,7 @@ def register(app: TotangoCelery) -> None:
     ):
         app.task(
             name=name,
+            shared=False,  # this app's settings: not registered in every later app as well
             bind=True,
             max_retries=app.settings.max_retries,
             # The countdown of a retry after a lost worker process (Celery's default: 180 s).
