@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from celery import bootsteps
+from celery import Task, bootsteps
 from celery.worker.consumer import Consumer
 from celery.worker.consumer.delayed_delivery import DelayedDelivery
 from celery.worker.request import Request
@@ -70,7 +70,7 @@ def request_class(settings: Settings) -> str:
     """A task's ``Request`` option: ``DecodedOnce`` where the pool is in-process."""
     if settings.pool in IN_PROCESS_POOLS:
         return f"{__name__}:{DecodedOnce.__name__}"
-    return "celery.worker.request:Request"  # Celery's default
+    return str(Task.Request)  # Celery's default
 
 
 class RelayConsumer(Consumer):

@@ -128,7 +128,7 @@ class Checked:
     superseded: set[int]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # each one its own, hashed by identity
 class _Finish:
     """One caller's ``finish_later``: the ids to record, the claims to look at again, and
     who hears of the newer ones."""
@@ -332,14 +332,12 @@ class Pipeliner:
                 # check queued after it in the same round trip. After a restart of the store
                 # (its scripts gone), one round trip's checks may miss its records, and a
                 # copy be sent: at least once, as while the store is down.
-                for script in self._scripts:
-                    self._client.script_load(script.text)
+                self._load_scripts()
                 self._loaded = True
             answered = self._round_trip(batch)
             unknown = [r for r, results in answered if any(map(_no_script, results))]
             if unknown:  # the store restarted or was flushed: load the scripts, send again
-                for script in self._scripts:
-                    self._client.script_load(script.text)
+                self._load_scripts()
                 again = dict(self._round_trip(unknown))
                 answered = [(r, again.get(r, results)) for r, results in answered]
         except Exception as exc:  # noqa: BLE001  every caller of this round trip fails open
@@ -350,6 +348,10 @@ class Pipeliner:
         for request, results in answered:
             if not request.ended:  # not ended by its own mistake when queued again
                 request.end(results, next((r for r in results if isinstance(r, Exception)), None))
+
+    def _load_scripts(self) -> None:
+        for script in self._scripts:
+            self._client.script_load(script.text)
 
     def _round_trip(self, batch: list[_Request]) -> list[tuple[_Request, list[Any]]]:
         """The batch's commands in one pipeline; a request whose commands cannot be queued
@@ -556,7 +558,9 @@ class StateStore:
                 group.append(finish)
                 return
             group = self._group = [finish]
-        readers: list[Callable[[list[Any]], list[tuple[int, Claim]]]] = []
+        #: The group's commands and how to read their answer, made once when it is first
+        #: queued (again, unchanged, if the round trip is sent again after NOSCRIPT).
+        built: list[tuple[Queueing, Callable[[list[Any]], list[tuple[int, Claim]]]]] = []
 
         def close() -> list[_Finish]:
             """The group as it stands; later finishes go in a group of their own."""
@@ -566,25 +570,28 @@ class StateStore:
             return group
 
         def queue_commands(pipe: redis.client.Pipeline) -> None:
-            finishes = close()
-            queue, newer = self._finishing(
-                [e for f in finishes for e in f.delivered], [c for f in finishes for c in f.claims]
-            )
-            readers.append(newer)
-            queue(pipe)
+            if not built:
+                finishes = close()
+                built.append(
+                    self._finishing(
+                        [e for f in finishes for e in f.delivered],
+                        [c for f in finishes for c in f.claims],
+                    )
+                )
+            built[0][0](pipe)
 
         def ended(results: list[Any], error: Exception | None) -> None:
             finishes = close()
-            if error is not None or not readers:
+            if error is not None or not built:
                 self._failed("record", sum(f.events for f in finishes), error or _NOT_QUEUED)
                 return
             owners = [f for f in finishes for _ in f.claims]
-            replaced: dict[int, list[Claim]] = {}
-            for position, claim in readers[0](results):
-                replaced.setdefault(id(owners[position]), []).append(claim)
-            for f in finishes:
-                if f.on_newer is not None and id(f) in replaced:
-                    f.on_newer(replaced[id(f)])
+            replaced: dict[_Finish, list[Claim]] = {}
+            for position, claim in built[0][1](results):
+                replaced.setdefault(owners[position], []).append(claim)
+            for f, claims in replaced.items():
+                if f.on_newer is not None:
+                    f.on_newer(claims)
 
         self._pipeliner.post(queue_commands, ended)
 
@@ -603,8 +610,9 @@ class StateStore:
             (flat,) = results
             out = []
             for number, at, value in zip(*[iter(flat)] * 3, strict=True):
-                old = claims[int(number) - 1]
-                out.append((int(number) - 1, Claim(old.entity, old.param, _text(value), int(at))))
+                position = int(number) - 1
+                old = claims[position]
+                out.append((position, Claim(old.entity, old.param, _text(value), int(at))))
             return out
 
         return (lambda pipe: self._finish.queue(pipe, keys, argv)), newer
