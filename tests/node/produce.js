@@ -8,6 +8,9 @@
 const fs = require("fs");
 const celery = require("celery-node");
 
+// Under the test's own 60 s timeout for the whole script.
+const START_TIMEOUT_MS = 30000;
+
 async function main() {
   const [brokerUrl, eventsPath] = process.argv.slice(2);
   const events = JSON.parse(fs.readFileSync(eventsPath, "utf8"));
@@ -26,12 +29,15 @@ async function main() {
   for (const event of events) {
     client.sendTask(event.task, [], event.kwargs);
   }
-  // sendTask publishes once the client is ready, a few turns of the event loop later.
-  for (let turn = 0; publishes.length < events.length; turn += 1) {
-    if (turn > 10000) {
+  // sendTask publishes once its own isReady() has answered, and that asserts the exchange
+  // and the queue again: a broker round trip per task, so wait on the clock, not on a count
+  // of event-loop turns (a loaded machine took longer than 10,000 turns).
+  const deadline = Date.now() + START_TIMEOUT_MS;
+  while (publishes.length < events.length) {
+    if (Date.now() > deadline) {
       throw new Error(`only ${publishes.length} of ${events.length} publishes started`);
     }
-    await new Promise((resolve) => setImmediate(resolve));
+    await new Promise((resolve) => setTimeout(resolve, 5));
   }
   await Promise.all(publishes);
   await client.disconnect();
