@@ -66,7 +66,7 @@ flower: install ## Run Flower against the configured broker (set FLOWER_BASIC_AU
 	@test -n "$$FLOWER_BASIC_AUTH" || { echo "set FLOWER_BASIC_AUTH=user:password first"; exit 2; }
 	$(BIN)/celery -A worker.app flower --address=127.0.0.1 --port=5555
 
-bench: install ## Throughput, CPU per event, latency and the state store's cost against the floors; writes docs/bench.png (~8 min)
+bench: install ## Throughput, CPU per event, latency and the state store's cost against the floors; writes docs/bench.png (~7 min)
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 bench-cluster: install ## events/s of 1, 2, 4 workers on a 3-node RabbitMQ cluster of its own (~4 min)

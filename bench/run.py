@@ -690,7 +690,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--delay-ms", type=float, default=50.0, help="gateway emulator delay (default 50)")
-    add("--events", type=int, default=3000, help="events per single-event phase (3000)")
+    add("--events", type=int, default=6000, help="events per single-event phase (6000)")
     add("--batch-events", type=int, default=10000, help="events in the batch phase (10000)")
     add("--latency-events", type=int, default=1000, help="paced events for latency (1000)")
     add("--latency-rate", type=float, default=0.0,
