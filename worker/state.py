@@ -560,7 +560,8 @@ class StateStore:
             group = self._group = [finish]
         #: The group's commands and how to read their answer, made once when it is first
         #: queued (again, unchanged, if the round trip is sent again after NOSCRIPT).
-        built: list[tuple[Queueing, Callable[[list[Any]], list[tuple[int, Claim]]]]] = []
+        commands: Queueing | None = None
+        read: Callable[[list[Any]], list[tuple[int, Claim]]] | None = None
 
         def close() -> list[_Finish]:
             """The group as it stands; later finishes go in a group of their own."""
@@ -570,24 +571,23 @@ class StateStore:
             return group
 
         def queue_commands(pipe: redis.client.Pipeline) -> None:
-            if not built:
+            nonlocal commands, read
+            if commands is None:
                 finishes = close()
-                built.append(
-                    self._finishing(
-                        [e for f in finishes for e in f.delivered],
-                        [c for f in finishes for c in f.claims],
-                    )
+                commands, read = self._finishing(
+                    [e for f in finishes for e in f.delivered],
+                    [c for f in finishes for c in f.claims],
                 )
-            built[0][0](pipe)
+            commands(pipe)
 
         def ended(results: list[Any], error: Exception | None) -> None:
             finishes = close()
-            if error is not None or not built:
+            if error is not None or read is None:
                 self._failed("record", sum(f.events for f in finishes), error or _NOT_QUEUED)
                 return
             owners = [f for f in finishes for _ in f.claims]
             replaced: dict[_Finish, list[Claim]] = {}
-            for position, claim in built[0][1](results):
+            for position, claim in read(results):
                 replaced.setdefault(owners[position], []).append(claim)
             for f, claims in replaced.items():
                 if f.on_newer is not None:
