@@ -21,6 +21,9 @@ from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+#: The waiting floor's sleep, in seconds, before its no-op task stamps its end
+#: (bench/sameconf_app.py); unset or 0: none.
+WAIT_VARIABLE = "BENCH_NOOP_WAIT_S"
 
 
 class BenchError(RuntimeError):

@@ -109,7 +109,8 @@ def ratios(results: dict[str, dict[str, Any]], *, delay_ms: float) -> dict[str, 
     """The ratios of one broker's phases: ``results[phase]`` has ``events_per_s`` and
     ``worker_cpu_ms`` (CPU per completion), ``ours`` also ``p99_ms``, ours and batch
     ``rss_mb`` (the peak sum over its ``processes`` worker processes, 1 if not given);
-    ``store`` is ours with the state-store features on."""
+    ``store`` is ours with the state-store features on, ``waiting`` the same-config no-op
+    that sleeps the gateway's delay in its pool thread first."""
     cpu = {phase: _figure(results, phase, "worker_cpu_ms") for phase in results}
     rate = {phase: _figure(results, phase, "events_per_s") for phase in results}
     single, sameconf, http = cpu.get("ours"), cpu.get("sameconf"), cpu.get("http")
@@ -125,6 +126,10 @@ def ratios(results: dict[str, dict[str, Any]], *, delay_ms: float) -> dict[str, 
     p99 = _figure(results, "ours", "p99_ms")
     store_cost, store_share = state_store_cost(cpu.get("store"), single)
     return {
+        # Readings, not targets: what holding a pool thread for the call costs a task that
+        # does nothing else, and how far ours is from that floor.
+        "waiting_over_sameconf": _ratio(rate.get("waiting"), rate.get("sameconf")),
+        "single_over_waiting": _ratio(rate.get("ours"), rate.get("waiting")),
         "relay_overhead_ms": overhead,
         "single_over_sameconf": over_sameconf,
         "single_over_sameconf_stretch": over_sameconf,

@@ -11,6 +11,7 @@ from bench.ratios import TARGETS
 TITLES = {
     "noop": "no-op prefork c=2",
     "sameconf": "no-op, worker's config",
+    "waiting": "no-op waiting the delay",
     "http": "bare HTTP",
     "naive": "naive relay",
     "ours": "ours (single)",
@@ -85,6 +86,23 @@ def state_store_lines(results: dict[str, dict[str, Any]]) -> str:
         f"{kind}: {summary['state_store']['text']}, {bound}: {summary['targets'][target.key]}"
         for kind, summary in results.items()
     )
+
+
+def waiting_lines(results: dict[str, dict[str, Any]], delay_ms: float) -> str:
+    """Per broker, the waiting floor's reading: a no-op that holds its pool thread for the
+    gateway's delay, against the plain no-op, and ours against it (no target: where the
+    floor of a task that waits for its call lies)."""
+    lines = []
+    for kind, summary in results.items():
+        values = summary["ratios"]
+        waiting, ours = values.get("waiting_over_sameconf"), values.get("single_over_waiting")
+        if waiting is None:
+            continue
+        lines.append(
+            f"{kind}: a no-op waiting {delay_ms:g} ms in its thread runs at {_cell(waiting)} of "
+            f"the no-op's events/s; ours at {_cell(ours)} of that"
+        )
+    return "\n".join(lines)
 
 
 def _cell(value: Any) -> str:

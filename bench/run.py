@@ -10,21 +10,25 @@ and the project's gateway emulator answering after ``--delay-ms`` (50 ms by defa
 2. sameconf: N events pre-published through the producer API, then
    ``celery -A bench.sameconf_app worker -Q totango``: a no-op task in the worker's own
    Celery configuration (``worker.application.config``), the floor of Celery's cost;
-3. http: ``python -m bench.http_loop``, N calls from as many threads as the worker's pool
+3. waiting: the same no-op that first sleeps ``--delay-ms`` in its pool thread
+   (``BENCH_NOOP_WAIT_S``): the floor of any task that holds its thread while its call is
+   in flight, which is what the worker's task does; not a target, a reading of how far
+   ours is from the floor its design sets;
+4. http: ``python -m bench.http_loop``, N calls from as many threads as the worker's pool
    over one urllib3 keep-alive pool to the same emulator, no queue: the floor of HTTP's;
-4. naive: N tasks pre-published, then ``celery -A bench.naive_app worker -P threads -c 32``;
-5. ours: N events pre-published through the producer API, then the worker as production
+5. naive: N tasks pre-published, then ``celery -A bench.naive_app worker -P threads -c 32``;
+6. ours: N events pre-published through the producer API, then the worker as production
    runs it (``celery -A worker.app worker --loglevel=INFO -Q totango`` with
    ``TOTANGO_POOL``/``_CONCURRENCY``/``_PREFETCH_MULTIPLIER`` from ``--config``, and
    ``RECOMMENDED_CONF`` on top until worker/application.py has it), with the state-store
    features off (``TOTANGO_DEDUP=false``, on both brokers); in the first round, then
    ``--latency-events`` more at half the rate it just reached (or ``--latency-rate``) for
    the enqueue-to-answer latency;
-6. store: the same as ours with the state-store features on: ``TOTANGO_STATE_URL`` names a
+7. store: the same as ours with the state-store features on: ``TOTANGO_STATE_URL`` names a
    private ``redis-server`` the bench starts on a free port (bench/store.py, emptied before
    each round, stopped at the end), and every delivered event must be recorded there; its
    CPU per event minus ours' is the features' cost (bench/ratios.py);
-7. batch: a fresh worker as the batch Deployment runs (``-Q totango.batch`` with
+8. batch: a fresh worker as the batch Deployment runs (``-Q totango.batch`` with
    ``--batch-config``), then, once every process is ready, ``--batch-events`` events in
    batches of 100 (``Producer.send_batch``).
 
@@ -60,7 +64,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from bench import load, ratios, report
-from bench.procs import ROOT, BenchError, Emulator, Processes, Worker
+from bench.procs import ROOT, WAIT_VARIABLE, BenchError, Emulator, Processes, Worker
 from bench.store import PrivateStore
 from tests.brokers import broker
 from worker.application import create_app
@@ -375,17 +379,21 @@ def _publish_events(run: Run, url: str, env: dict[str, str], tag: str) -> Produc
     return producer
 
 
-def run_sameconf(run: Run, kind: str, url: str, config: Config) -> dict[str, Any]:
+def run_sameconf(
+    run: Run, kind: str, url: str, config: Config, *, wait: float = 0.0
+) -> dict[str, Any]:
     """The no-op task in the worker's own configuration (bench/sameconf_app.py), on the
-    same messages as ours, consumed as production does (``-Q totango``)."""
-    n, tag = run.args.events, f"same{uuid.uuid4().hex[:6]}"
-    envs, _ports = _worker_envs(run, url, config, f"sameconf-{kind}")
+    same messages as ours, consumed as production does (``-Q totango``); with ``wait``, the
+    task first sleeps that many seconds (the waiting floor)."""
+    phase = "waiting" if wait else "sameconf"
+    n, tag = run.args.events, f"{phase[:4]}{uuid.uuid4().hex[:6]}"
+    envs, _ports = _worker_envs(run, url, config, f"{phase}-{kind}")
     stamps = run.out / f"{tag}-{kind}.stamps"
-    envs = [{**env, "BENCH_STAMP_FILE": str(stamps)} for env in envs]
+    envs = [{**env, "BENCH_STAMP_FILE": str(stamps), WAIT_VARIABLE: str(wait)} for env in envs]
     _publish_events(run, url, envs[0], tag).app.close()
     args = [f"--loglevel={config.loglevel}", "-Q", QUEUE]
-    worker = run.start("bench.sameconf_app", envs, args, f"sameconf-{tag}-{kind}")
-    spy = _spy(run, worker, f"sameconf-{kind}")
+    worker = run.start("bench.sameconf_app", envs, args, f"{phase}-{tag}-{kind}")
+    spy = _spy(run, worker, f"{phase}-{kind}") if not wait else None
 
     def done() -> bool:
         return stamps.exists() and stamps.read_bytes().count(b"\n") >= n
@@ -589,7 +597,7 @@ def _phase(run: Run, name: str, results: dict[str, Any], fn: Any, *args: Any) ->
         run.log(f"{name}: {results[name]}")
 
 
-PHASES = ("noop", "sameconf", "http", "naive", "ours", "store", "batch")
+PHASES = ("noop", "sameconf", "waiting", "http", "naive", "ours", "store", "batch")
 
 
 def bench_broker(run: Run, kind: str, config: Config, batch: Config) -> dict[str, Any]:
@@ -607,6 +615,9 @@ def bench_broker(run: Run, kind: str, config: Config, batch: Config) -> dict[str
                     _phase(run, phase, results, run_noop, kind, url)
                 elif phase == "sameconf":
                     _phase(run, phase, results, run_sameconf, kind, url, config)
+                elif phase == "waiting":
+                    wait = run.args.delay_ms / 1000
+                    _phase(run, phase, results, _waiting, kind, url, config, wait)
                 elif phase == "http":
                     _phase(run, phase, results, run_http, kind, url, config)
                 elif phase == "naive":
@@ -655,6 +666,10 @@ def sweep_broker(run: Run, kind: str, configs: list[Config]) -> dict[str, Any]:
             _phase(run, f"ours {config.label}", results, _ours_only, kind, url, config)
             _phase(run, f"batch {config.label}", results, run_batch, kind, url, config)
     return results
+
+
+def _waiting(run: Run, kind: str, url: str, config: Config, wait: float) -> dict[str, Any]:
+    return run_sameconf(run, kind, url, config, wait=wait)
 
 
 def _ours_only(run: Run, kind: str, url: str, config: Config) -> dict[str, Any]:
@@ -795,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         "naive": f"threads c={args.naive_concurrency}, one requests.get per task",
         "noop": "prefork c=2, acks_late",
         "sameconf": f"worker.application.config, {config.label}, -Q totango, a no-op task",
+        "waiting": f"the same no-op, sleeping {args.delay_ms:g} ms in its pool thread first",
         "http": f"{config.concurrency} threads, one urllib3 keep-alive pool, no queue",
         "store": "ours with TOTANGO_STATE_URL = a private redis-server (no persistence); "
         "ours, sameconf and batch run with TOTANGO_DEDUP=false",
@@ -813,6 +829,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.targets_table(results))
     print()
     print(report.state_store_lines(results))
+    print(report.waiting_lines(results, args.delay_ms))
     if args.profile:
         from bench import profile  # noqa: PLC0415  py-spy only when profiling
 

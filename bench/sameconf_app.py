@@ -12,15 +12,23 @@ It registers one task under the worker's task name, ``totango.track_activity``, 
 stamps its completion (``bench.noop_app``), so it consumes the very messages the worker's
 producer publishes. Run as ``celery -A bench.sameconf_app worker -Q totango``; nothing of the
 relay runs: no event parsing, no gateway call, no metrics, no log line, no signal handler.
+
+With ``BENCH_NOOP_WAIT_S`` set (the bench's *waiting* phase), the task first sleeps that
+long, the gateway's delay: the floor of any task that holds its pool thread while its call
+is in flight. The sleep releases the GIL and the thread takes it back when it ends, as a
+sending thread does when its call's answer comes; nothing else is added.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 from celery import Celery, signals
 
 from bench.noop_app import _stamp
+from bench.procs import WAIT_VARIABLE
 from worker import observability
 from worker.application import config, worker_config
 from worker.consumer import DeclareQueues
@@ -42,8 +50,12 @@ def make_app(settings: Settings | None = None) -> Celery:
     # Where the worker's own celeryd_init handler does it (worker/signals.py).
     signals.celeryd_init.connect(configure_logging, weak=False)
 
+    wait = float(os.environ.get(WAIT_VARIABLE) or 0)
+
     @app.task(name=TRACK_ACTIVITY, typing=False, shared=False)  # not in apps built later
     def noop(*_args: Any, **_kwargs: Any) -> None:
+        if wait:
+            time.sleep(wait)
         _stamp()
 
     return app

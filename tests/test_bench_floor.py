@@ -5,6 +5,7 @@ takes too, with the same value. Built from settings alone; no broker is reached.
 from __future__ import annotations
 
 import importlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +47,31 @@ def test_the_floor_app_has_every_setting_of_the_worker_app(
     assert floor.conf.worker_send_task_events is True
     assert floor.conf.worker_consumer == "worker.consumer:RelayConsumer"
     assert DeclareQueues in floor.steps["consumer"]
+
+
+def test_the_waiting_floor_only_sleeps_before_its_stamp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``BENCH_NOOP_WAIT_S`` the no-op holds its thread that long, then stamps its end;
+    without it, it stamps at once. The stamp is the phase's completion, so it must come
+    after the wait, not before."""
+    from bench.procs import WAIT_VARIABLE  # noqa: PLC0415  next to the module it configures
+
+    env = worker_env(URLS["redis"], "http://127.0.0.1:9/pixel.gif", tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    floor_module: Any = importlib.import_module("bench.sameconf_app")
+    stamps = tmp_path / "stamps"  # one file: a process opens its stamp file once
+    monkeypatch.setenv("BENCH_STAMP_FILE", str(stamps))
+    for count, wait in enumerate((0.2, 0.0), 1):
+        monkeypatch.setenv(WAIT_VARIABLE, str(wait))
+        task = floor_module.make_app(Settings.from_env(env)).tasks["totango.track_activity"]
+        began = time.time()
+        task.run()
+        lines = stamps.read_text().split()
+        assert len(lines) == count
+        stamped = float(lines[-1])
+        if wait:
+            assert stamped - began >= wait
+        else:
+            assert stamped - began < 0.2

@@ -16,12 +16,13 @@ from bench.ratios import (
     verdict_text,
     verdicts,
 )
-from bench.report import state_store_line, state_store_lines
+from bench.report import state_store_line, state_store_lines, waiting_lines
 
 #: One broker's phases as bench/run.py records them.
 FIGURES = {
     "noop": {"events_per_s": 3000.0, "worker_cpu_ms": 0.36},
     "sameconf": {"events_per_s": 2000.0, "worker_cpu_ms": 0.47},
+    "waiting": {"events_per_s": 1300.0, "worker_cpu_ms": 0.66},
     "http": {"events_per_s": 2100.0, "worker_cpu_ms": 0.45},
     "naive": {"events_per_s": 500.0, "worker_cpu_ms": 1.5},
     "ours": {"events_per_s": 650.0, "worker_cpu_ms": 1.30, "p99_ms": 58.0, "rss_mb": 70.0},
@@ -151,3 +152,21 @@ def test_state_store_line_states_ms_and_percent() -> None:
     assert state_store_line({}) == "state store cost: n/a"
     summary = {"state_store": {"text": line}, "targets": {"state_store_cost_share": "PASS"}}
     assert state_store_lines({"redis": summary}) == f"redis: {line}, target <= 10 %: PASS"
+
+
+def test_the_waiting_floor_is_read_against_the_no_op_and_ours_against_it() -> None:
+    """1,300 / 2,000 = 0.65: what holding the thread for the call costs a task that does
+    nothing else; 650 / 1,300 = 0.5: ours against that floor. Readings, not targets: no
+    verdict is given for either, and without the phase there is no figure and no line."""
+    values = ratios(FIGURES, delay_ms=50)
+    assert values["waiting_over_sameconf"] == 0.65
+    assert values["single_over_waiting"] == 0.5
+    assert not {"waiting_over_sameconf", "single_over_waiting"} & set(verdicts(values))
+    line = waiting_lines({"rabbitmq": {"ratios": values}}, 50)
+    assert line == (
+        "rabbitmq: a no-op waiting 50 ms in its thread runs at 0.65 of the no-op's events/s; "
+        "ours at 0.5 of that"
+    )
+    without = {k: v for k, v in FIGURES.items() if k != "waiting"}
+    assert ratios(without, delay_ms=50)["single_over_waiting"] is None
+    assert waiting_lines({"redis": {"ratios": ratios(without, delay_ms=50)}}, 50) == ""
