@@ -123,7 +123,7 @@ def test_the_image_lock_holds_the_worker_extra() -> None:
         "optional-dependencies"
     ]["worker"]
     names = {re.split(r"[<>=\[; ]", requirement, maxsplit=1)[0].lower() for requirement in extra}
-    assert names == {"pycurl", "certifi", "sentry-sdk", "prometheus-client", "redis"}
+    assert names == {"pycurl", "certifi", "sentry-sdk", "prometheus-client", "redis", "hiredis"}
 
     def pinned(lock: str) -> set[str]:
         text = (REPO / lock).read_text(encoding="utf-8")
