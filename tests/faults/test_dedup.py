@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.faults.accounting import Row
 from tests.faults.harness import (
+    CONCURRENCY,
     Run,
     assert_nothing_lost,
     delivered_keys,
@@ -33,6 +34,9 @@ from tests.faults.test_faults import (
     BATCH_WORKER,
     CRASH_CONCURRENCY,
     CRASH_PLAN,
+    THREADS_DELAY,
+    THREADS_EVENTS,
+    THREADS_PLAN,
     crash_at_random_moments,
     kill_batch_worker,
 )
@@ -70,6 +74,27 @@ def test_kill_9_with_the_state_store_on(run: Run, store: PrivateRedis) -> None:
         run, "1 crash: kill -9, state store on", bound, TOTANGO_STATE_URL=store.url
     )
     _note(row, f"{suppressed_in_logs(run)} copies suppressed")
+
+
+def test_kill_9_of_a_threads_worker_with_the_state_store_on(run: Run, store: PrivateRedis) -> None:
+    """The threads worker's kills of ``test_faults.py`` (the default pool, four threads, the
+    gateway at 20 ms) with suppression on. A thread has one call at a time, and its event is
+    recorded before the thread takes the next, so each kill can repeat at most one call per
+    thread: the bound is kills x threads, where at-least-once allows kills x prefetch x
+    threads."""
+    row = crash_at_random_moments(
+        run,
+        "1 crash: kill -9 of a threads worker, state store on",
+        len(THREADS_PLAN) * CONCURRENCY,
+        plan=THREADS_PLAN,
+        events=THREADS_EVENTS,
+        delay=THREADS_DELAY,
+        TOTANGO_POOL="threads",
+        TOTANGO_CONCURRENCY=str(CONCURRENCY),
+        TOTANGO_STATE_URL=store.url,
+    )
+    suppressed = suppressed_in_logs(run)
+    _note(row, f"{suppressed} copies suppressed; bound: {CONCURRENCY} threads per kill")
 
 
 def test_kill_9_of_the_batch_worker_with_the_state_store_on(run: Run, store: PrivateRedis) -> None:
