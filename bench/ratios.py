@@ -124,7 +124,11 @@ def ratios(results: dict[str, dict[str, Any]], *, delay_ms: float) -> dict[str, 
         if (value := _figure(results, phase, "rss_mb")) is not None
     ]
     p99 = _figure(results, "ours", "p99_ms")
-    store_cost, store_share = state_store_cost(cpu.get("store"), single)
+    # The store's own baseline when the run measured more pairs of the two (bench/run.py).
+    baseline = _figure(results, "store", "baseline_cpu_ms")
+    store_cost, store_share = state_store_cost(
+        cpu.get("store"), single if baseline is None else baseline
+    )
     return {
         # Readings, not targets: what holding a pool thread for the call costs a task that
         # does nothing else, and how far ours is from that floor.

@@ -68,14 +68,24 @@ def targets_table(results: dict[str, dict[str, Any]]) -> str:
     return _markdown(rows)
 
 
-def state_store_line(values: dict[str, Any]) -> str:
+def state_store_line(values: dict[str, Any], pair_shares: list[float] | None = None) -> str:
     """``state store cost: +X ms CPU per event (Y % of the event's CPU)``, from one broker's
-    ratios; ``n/a`` when the store phase or ours has no figure."""
+    ratios, and each pair of rounds' own share when there were more than one; ``n/a`` when
+    the store phase or ours has no figure."""
     cost, share = values.get("state_store_cost_ms"), values.get("state_store_cost_share")
     if cost is None:
         return "state store cost: n/a"
-    percent = "-" if share is None else f"{share * 100:.1f}"
-    return f"state store cost: {cost:+.3f} ms CPU per event ({percent} % of the event's CPU)"
+    line = (
+        f"state store cost: {cost:+.3f} ms CPU per event ({_percent(share)} % of the event's CPU)"
+    )
+    if pair_shares and len(pair_shares) > 1:
+        each = ", ".join(_percent(s) for s in pair_shares)
+        line += f"; {len(pair_shares)} pairs of rounds, each: {each} %"
+    return line
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share * 100:.1f}"
 
 
 def state_store_lines(results: dict[str, dict[str, Any]]) -> str:

@@ -21,13 +21,14 @@ and the project's gateway emulator answering after ``--delay-ms`` (50 ms by defa
    runs it (``celery -A worker.app worker --loglevel=INFO -Q totango`` with
    ``TOTANGO_POOL``/``_CONCURRENCY``/``_PREFETCH_MULTIPLIER`` from ``--config``, and
    ``RECOMMENDED_CONF`` on top until worker/application.py has it), with the state-store
-   features off (``TOTANGO_DEDUP=false``, on both brokers); in the first round, then
-   ``--latency-events`` more at half the rate it just reached (or ``--latency-rate``) for
-   the enqueue-to-answer latency;
+   features off (``TOTANGO_DEDUP=false``, on both brokers); then ``--latency-events``
+   more at half the rate the first round reached (or ``--latency-rate``) for the
+   enqueue-to-answer latency, in every round at the same pace (the lowest p99 counts);
 7. store: the same as ours with the state-store features on: ``TOTANGO_STATE_URL`` names a
    private ``redis-server`` the bench starts on a free port (bench/store.py, emptied before
    each round, stopped at the end), and every delivered event must be recorded there; its
-   CPU per event minus ours' is the features' cost (bench/ratios.py);
+   CPU per event minus ours' is the features' cost (bench/ratios.py), both the least of
+   ``--store-pairs`` pairs of rounds (ours straight before the store);
 8. batch: a fresh worker as the batch Deployment runs (``-Q totango.batch`` with
    ``--batch-config``), then, once every process is ready, ``--batch-events`` events in
    batches of 100 (``Producer.send_batch``).
@@ -35,9 +36,10 @@ and the project's gateway emulator answering after ``--delay-ms`` (50 ms by defa
 A completion is a 200 answered by the gateway, or a no-op task's end. events/s and CPU per
 event (the phase's process tree, user + system) are taken between 10 % and 90 % of the
 completions (bench/ratios.py); each phase keeps its best round (the most events/s, the
-least CPU per event). Every delivered event is checked to arrive exactly once. The ratios
-and targets (bench/ratios.py) compare figures from the same run; a PNG plot goes to
-``--plot`` (docs/bench.png). The last line printed is the whole result as one JSON object.
+least CPU per event, the lowest p99). Every delivered event is checked to arrive exactly
+once. The ratios and targets (bench/ratios.py) compare figures from the same run; a PNG
+plot goes to ``--plot`` (docs/bench.png). The last line printed is the whole result as one
+JSON object.
 ``--sweep`` compares settings instead, ``--quick`` is a short run for development and
 ``--profile`` samples the worker with py-spy. Every process started is stopped, and every
 vhost and database removed, on any exit including Ctrl-C; the run stops waiting after
@@ -103,7 +105,13 @@ PUBLISHERS = 4
 #: ``--profile``: enough events for a few thousand samples.
 PROFILE_EVENTS = 10_000
 #: ``--quick``: a development run of about a minute and a half, too short for the docs.
-QUICK = {"rounds": 1, "events": 1000, "batch_events": 3000, "latency_events": 300}
+QUICK = {
+    "rounds": 1,
+    "store_pairs": 1,
+    "events": 1000,
+    "batch_events": 3000,
+    "latency_events": 300,
+}
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,9 @@ class Run:
     deadline: Deadline
     out: Path
     store: PrivateStore | None = None
+    #: Per broker, the pace of the latency measurement, set by its first round: every
+    #: round is paced the same, so that their p99s can be compared.
+    paces: dict[str, float] = field(default_factory=dict)
 
     def state_store(self) -> PrivateStore:
         """The private redis-server of the store phases, started on first use and emptied
@@ -334,8 +345,10 @@ def run_ours(
         result["events_per_s"] = round(load.rate(times), 1)
         emulator.reset()
         if latency:
-            # At half the rate this worker just reached, unless --latency-rate says.
-            per_s = run.args.latency_rate or ratios.latency_rate(result["events_per_s"], 200.0)
+            # At half the rate the first round reached, unless --latency-rate says.
+            per_s = run.args.latency_rate or run.paces.setdefault(
+                kind, ratios.latency_rate(result["events_per_s"], 200.0)
+            )
             result.update(_latency(run, producer, ports, n, worker, per_s=per_s))
     finally:
         result["rss_mb"] = run.stop(worker)
@@ -608,7 +621,7 @@ def bench_broker(run: Run, kind: str, config: Config, batch: Config) -> dict[str
     tries: dict[str, list[dict[str, Any]]] = {p: [] for p in phases}
     with broker(kind) as url:
         run.log(f"{kind}: {url}")
-        for number in range(run.args.rounds):
+        for _ in range(run.args.rounds):
             for phase in phases:
                 results: dict[str, Any] = {}
                 if phase == "noop":
@@ -623,33 +636,70 @@ def bench_broker(run: Run, kind: str, config: Config, batch: Config) -> dict[str
                 elif phase == "naive":
                     _phase(run, phase, results, run_naive, kind, url)
                 elif phase == "ours":
-                    # Latency is measured once, in the first round: it does not vary by round.
-                    fn = run_ours if number == 0 else _ours_only
-                    _phase(run, phase, results, fn, kind, url, config)
+                    _phase(run, phase, results, run_ours, kind, url, config)
                 elif phase == "store":
                     _phase(run, phase, results, run_store, kind, url, config)
                 else:
                     _phase(run, phase, results, run_batch, kind, url, batch)
                 tries[phase].append(results[phase])
-    best = {phase: _best(found) for phase, found in tries.items()}
+        pairs = _store_pairs(run, kind, url, config, tries)
+    best = {phase: best_round(found) for phase, found in tries.items()}
+    if pairs:
+        best["store"] = best_round([store for _, store in pairs])
+        best["store"].update(store_baseline(pairs))
     summary = summarize(best, delay_ms=run.args.delay_ms)
     summary["rounds"] = {p: [t.get("events_per_s") for t in found] for p, found in tries.items()}
     return summary
 
 
-def _best(tries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The round with the most events/s, with the latency of the round that measured it,
+Pair = tuple[dict[str, Any], dict[str, Any]]
+
+
+def _store_pairs(
+    run: Run, kind: str, url: str, config: Config, tries: dict[str, list[dict[str, Any]]]
+) -> list[Pair]:
+    """The (ours, store) rounds that measure the state store's cost: each round's pair,
+    then more pairs, ours straight before the store, until there are ``--store-pairs``.
+    The extra ours rounds count only as the store's baseline, so that every phase's own
+    figures still come from ``--rounds`` tries. Empty unless both phases run."""
+    if "ours" not in tries or "store" not in tries:
+        return []
+    pairs = list(zip(tries["ours"], tries["store"], strict=True))
+    while len(pairs) < run.args.store_pairs:
+        results: dict[str, Any] = {}
+        _phase(run, "ours", results, _ours_only, kind, url, config)
+        _phase(run, "store", results, run_store, kind, url, config)
+        pairs.append((results["ours"], results["store"]))
+    return pairs
+
+
+def store_baseline(pairs: list[Pair]) -> dict[str, Any]:
+    """The store's baseline over every pair: the least CPU per event of ours with the
+    features off (noise only ever adds to it, as in ``best_round``), and each pair's own
+    difference as a share of its ours, to show how far one pair can be from another."""
+    cpu = [(ours.get("worker_cpu_ms"), store.get("worker_cpu_ms")) for ours, store in pairs]
+    off = [o for o, _ in cpu if o is not None]
+    shares = [
+        ratios.state_store_cost(on, off_cpu)[1]
+        for off_cpu, on in cpu
+        if off_cpu is not None and on is not None
+    ]
+    return {"baseline_cpu_ms": min(off) if off else None, "pair_shares": shares}
+
+
+def best_round(tries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the most events/s, with the latency of the round with the lowest p99,
     the lowest CPU per event and the highest RSS of all rounds; the first error when no round
-    finished. Other load on the machine only ever slows a phase down and adds to its CPU per
-    event (more context switches, colder caches), never the other way."""
+    finished. Other load on the machine only ever slows a phase down, delays its events and
+    adds to its CPU per event (more context switches, colder caches), never the other way."""
     done = [t for t in tries if "events_per_s" in t]
     if not done:
         return tries[0]
     best = dict(max(done, key=lambda t: t["events_per_s"]))
-    for t in done:
-        for key in ("p50_ms", "p99_ms", "latency_rate"):
-            if key in t:
-                best[key] = t[key]
+    paced = [t for t in done if t.get("p99_ms") is not None]
+    if paced:
+        quickest = min(paced, key=lambda t: t["p99_ms"])
+        best.update({k: quickest[k] for k in ("p50_ms", "p99_ms", "latency_rate") if k in quickest})
     best["rss_mb"] = max(t.get("rss_mb") or 0 for t in done)
     cpu = [t["worker_cpu_ms"] for t in done if t.get("worker_cpu_ms") is not None]
     if cpu:
@@ -695,7 +745,8 @@ def summarize(results: dict[str, Any], *, delay_ms: float) -> dict[str, Any]:
         "state_store": {
             "cost_ms": values.get("state_store_cost_ms"),
             "share": values.get("state_store_cost_share"),
-            "text": report.state_store_line(values),
+            "pair_shares": results.get("store", {}).get("pair_shares"),
+            "text": report.state_store_line(values, results.get("store", {}).get("pair_shares")),
         },
         "errors": {p: r["error"] for p, r in results.items() if "error" in r},
     }
@@ -720,6 +771,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--sweep", default="", help="compare settings instead, e.g. threads:32:2,threads:64:2")
     add("--conf", action="append", default=[], help="a Celery override KEY=JSON (sweep)")
     add("--rounds", type=int, default=2, help="tries of each phase; the best counts (2)")
+    add("--store-pairs", type=int, default=4,
+        help="rounds of ours and store, one after the other, for the state store's cost; "
+        "those beyond --rounds count only for it (4)")  # fmt: skip
     add("--as-configured", action="store_true",
         help="run worker.app exactly as configured, without RECOMMENDED_CONF")  # fmt: skip
     add("--time-limit", type=float, default=900.0, help="seconds for the whole run (900)")
@@ -735,14 +789,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "options given still win")  # fmt: skip
     args = parser.parse_args(argv)
     if args.profile:
-        args.phases, args.rounds, args.plot = "sameconf,ours,store", 1, ""
+        args.phases, args.rounds, args.store_pairs, args.plot = "sameconf,ours,store", 1, 1, ""
         if args.events == parser.get_default("events"):
             args.events = PROFILE_EVENTS
     if args.quick:
         for name, value in QUICK.items():
             if getattr(args, name) == parser.get_default(name):
                 setattr(args, name, value)
-    caps = {"events": 100_000, "batch_events": 100_000, "latency_events": 20_000, "rounds": 5}
+    caps = {
+        "events": 100_000,
+        "batch_events": 100_000,
+        "latency_events": 20_000,
+        "rounds": 5,
+        "store_pairs": 8,
+    }
     for name, cap in caps.items():
         if not 1 <= getattr(args, name) <= cap:
             parser.error(f"--{name.replace('_', '-')} must be between 1 and {cap}")
