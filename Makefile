@@ -31,7 +31,7 @@ install: $(STAMP) ## Create .venv and install the locked dependencies
 demo: install ## Run the whole flow: embedded broker, gateway emulator, a real worker
 	$(PY) -m worker demo
 
-lint: install ## ruff (lint + format check), mypy --strict on worker/, import layer contracts
+lint: install ## ruff (lint + format check), mypy --strict on worker/, the emulator and bench/, import layer contracts
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -201,6 +201,8 @@ class Worker:
         module: str | None = None,
     ) -> None:
         self.log_path = log_path
+        #: what the processes run, for an error message: the module, or the Celery app
+        self.label = module if module is not None else f"celery -A {app}"
         self.procs: list[subprocess.Popen[bytes]] = []
         with log_path.open("ab") as log:
             for env in envs:
@@ -230,7 +232,7 @@ class Worker:
             if proc.poll() is None:
                 return False
             if proc.returncode != 0:
-                raise BenchError(f"{proc.args[2]} exited with {proc.returncode}:\n{self.tail()}")
+                raise BenchError(f"{self.label} exited with {proc.returncode}:\n{self.tail()}")
         return True
 
     def check_alive(self) -> None:

@@ -87,6 +87,9 @@ def queue_length(app: TotangoCelery, name: str = QUEUE) -> int:
         channel: Any = connection.channel()
         try:
             queue = declare(app.settings.broker_kind)(channel)
-            return int(queue.queue_declare().message_count)
+            # kombu types the answer ``str | None`` (its name, under nowait); waited for, it
+            # is the broker's declare-ok with the count
+            declared: Any = queue.queue_declare()
+            return int(declared.message_count)
         finally:
             channel.close()
