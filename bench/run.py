@@ -54,7 +54,6 @@ import json
 import math
 import os
 import signal
-import socket
 import sys
 import time
 import uuid
@@ -69,6 +68,7 @@ from bench import load, ratios, report
 from bench.procs import ROOT, WAIT_VARIABLE, BenchError, Emulator, Processes, Worker
 from bench.store import PrivateStore
 from tests.brokers import broker
+from tests.faults.processes import free_port
 from worker.application import create_app
 from worker.client import Producer
 from worker.contract import BATCH_QUEUE, QUEUE
@@ -174,7 +174,7 @@ class Run:
         """The private redis-server of the store phases, started on first use and emptied
         for each phase; ``Processes`` stops it at the end of the run."""
         if self.store is None:
-            self.store = PrivateStore(self.out / "state-store", _free_port())
+            self.store = PrivateStore(self.out / "state-store")
             self.processes.add(self.store)
         self.store.flush()
         return self.store
@@ -554,7 +554,7 @@ def _worker_envs(
     """One environment per worker process, each with a metrics port of its own."""
     envs, ports = [], []
     for copy in range(config.processes):
-        port = _free_port()
+        port = free_port()
         envs.append(
             {
                 **_clean_env(),
@@ -587,13 +587,6 @@ def _clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env["PYTHONPATH"] = str(ROOT)
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # --- a whole run --------------------------------------------------------------------------

@@ -1,59 +1,42 @@
 """The state-store phase's Redis: a redis-server of the bench's own on a free loopback port,
 so that the store's cost is measured on a server nothing else loads (the shared Redis of
-the machine serves every test run). No persistence, as the deployments run the store."""
+the machine serves every test run). No persistence, as the deployments run the store.
+
+The server is the fault suite's ``PrivateRedis`` (``persistent=False``); this adds what
+the bench reads from it."""
 
 from __future__ import annotations
 
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import redis
 
-from bench.procs import BenchError, stop_group
+from bench.procs import BenchError
+from tests.faults.processes import PrivateRedis
 from worker.state import KEY_PREFIX
-
-#: Seconds the server may take to answer its first PING.
-START_TIMEOUT = 20.0
 
 
 class PrivateStore:
     """``redis-server --save '' --appendonly no`` on a free port, in a session of its own;
-    stopped by its process group (``close``) on any exit of the run."""
+    stopped (``close``) on any exit of the run."""
 
-    def __init__(self, directory: Path, port: int) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
+    def __init__(self, directory: Path) -> None:
+        if shutil.which("redis-server") is None:
             raise BenchError("the state-store phase needs redis-server on PATH")
-        directory.mkdir(parents=True, exist_ok=True)
-        self.port = port
-        self.log_path = directory / "redis.log"
-        self.proc = subprocess.Popen(  # noqa: S603  the installed redis-server, our arguments
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(directory), "--daemonize", "no",
-             "--logfile", str(self.log_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT
-        with self.client() as client:
-            while True:
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:
-                    pass
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.close()
-                    raise BenchError(f"private redis-server did not start on port {port}")
-                time.sleep(0.05)
+        self.server = PrivateRedis(directory, persistent=False)
+        try:
+            self.server.start()
+        except RuntimeError as error:
+            self.server.kill()
+            raise BenchError(str(error)) from error
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.server.url
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_connect_timeout=1)
+        return self.server.client()
 
     def flush(self) -> None:
         """Start a phase on an empty store, as every round does."""
@@ -73,4 +56,5 @@ class PrivateStore:
             return sum(1 for _ in client.scan_iter(match=f"{KEY_PREFIX}*", count=1000))
 
     def close(self) -> None:
-        stop_group(self.proc, 5)
+        """kill -9: the store keeps nothing to save."""
+        self.server.kill()
