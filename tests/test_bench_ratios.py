@@ -37,6 +37,18 @@ def test_relay_overhead_is_single_cpu_minus_both_floors() -> None:
     assert ratios(FIGURES, delay_ms=50)["relay_overhead_ms"] == pytest.approx(0.38)
 
 
+def test_relay_overhead_with_the_store_counts_the_store_phase_against_the_same_floors() -> None:
+    """1.43 - (0.47 + 0.45) = 0.51 ms: the features' round trips count toward the relay's
+    overhead (#14), judged against the same bound; no store phase, no figure."""
+    values = ratios(FIGURES, delay_ms=50)
+    assert values["relay_overhead_with_store_ms"] == pytest.approx(0.51)
+    assert verdicts(values)["relay_overhead_with_store_ms"] is False
+    light = {**FIGURES, "store": {"events_per_s": 900.0, "worker_cpu_ms": 0.99}}
+    assert verdicts(ratios(light, delay_ms=50))["relay_overhead_with_store_ms"] is True
+    without = {phase: f for phase, f in FIGURES.items() if phase != "store"}
+    assert ratios(without, delay_ms=50)["relay_overhead_with_store_ms"] is None
+
+
 def test_rate_and_cpu_ratios_divide_the_right_phases() -> None:
     """Single over the same-config no-op, batch CPU over bare HTTP CPU, single over naive,
     and the old ratio to the prefork no-op, each from its own two phases."""
