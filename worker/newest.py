@@ -15,6 +15,7 @@ newer value is sent once more (``repairs``), as an event of its own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Iterable
@@ -36,9 +37,10 @@ class Entity:
     account_id: str
     user_id: str | None = None
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
-        """Unambiguous whatever the ids hold (JSON quotes them)."""
+        """Unambiguous whatever the ids hold (JSON quotes them); made once per entity (an
+        event's check and its finish both name it)."""
         return json.dumps([self.service_id, self.account_id, self.user_id])
 
     @classmethod
