@@ -97,6 +97,31 @@ def test_kill_9_of_a_threads_worker_with_the_state_store_on(run: Run, store: Pri
     _note(row, f"{suppressed} copies suppressed; bound: {CONCURRENCY} threads per kill")
 
 
+#: Events for the one-thread row: one thread makes under 50 calls a second at 20 ms each.
+ONE_THREAD_EVENTS = 300
+
+
+def test_kill_9_of_a_one_thread_worker_repeats_at_most_one_call_per_kill(
+    run: Run, store: PrivateRedis
+) -> None:
+    """The threads worker's kills with ``TOTANGO_CONCURRENCY=1``, the single-event setting
+    for at most one duplicate per kill: one call in flight per process. The event before it
+    is recorded in the round trip of the next event's check at the latest, which that call
+    waits for, so a kill can repeat only the call it cut off. The bound is the kills."""
+    row = crash_at_random_moments(
+        run,
+        "1 crash: kill -9 of a one-thread worker, state store on",
+        len(THREADS_PLAN),
+        plan=THREADS_PLAN,
+        events=ONE_THREAD_EVENTS,
+        delay=THREADS_DELAY,
+        TOTANGO_POOL="threads",
+        TOTANGO_CONCURRENCY="1",
+        TOTANGO_STATE_URL=store.url,
+    )
+    _note(row, f"{suppressed_in_logs(run)} copies suppressed; bound: 1 per kill")
+
+
 def test_kill_9_of_the_batch_worker_with_the_state_store_on(run: Run, store: PrivateRedis) -> None:
     """The batch worker killed three times mid-send, with suppression on. Each event of a
     batch is recorded as its 200 arrives, before its sender takes the next event, so a batch
