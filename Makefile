@@ -56,7 +56,7 @@ docker-lint: install ## hadolint on docker/Dockerfile (every rule, no ignores)
 unit: install promtool ## Only the tests that need no broker
 	$(call pytest,-m "not integration and not faults")
 
-faults: install ## The fault-injection suite: kills, cuts, outages, poison, a 3-node cluster (~14 min)
+faults: install ## The fault-injection suite: kills, cuts, outages, poison, a 3-node cluster (~15 min)
 	$(call pytest,tests/faults -m faults)
 
 worker: install ## Run a worker with sane defaults (settings from TOTANGO_* variables)
