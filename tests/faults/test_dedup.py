@@ -76,25 +76,37 @@ def test_kill_9_with_the_state_store_on(run: Run, store: PrivateRedis) -> None:
     _note(row, f"{suppressed_in_logs(run)} copies suppressed")
 
 
-def test_kill_9_of_a_threads_worker_with_the_state_store_on(run: Run, store: PrivateRedis) -> None:
-    """The threads worker's kills of ``test_faults.py`` (the default pool, four threads, the
-    gateway at 20 ms) with suppression on. A thread has one call at a time, and its event is
-    recorded before the thread takes the next, so each kill can repeat at most one call per
-    thread: the bound is kills x threads, where at-least-once allows kills x prefetch x
-    threads."""
+def kill_threads_worker(
+    run: Run, store: PrivateRedis, scenario: str, *, threads: int, events: int
+) -> None:
+    """The threads worker's kills of ``test_faults.py`` (the default pool, the gateway at
+    20 ms) with suppression on. A thread has one call at a time, and its event is recorded
+    in the round trip of the thread's next check at the latest, which the next call waits
+    for, so each kill can repeat at most one call per thread: the bound is kills x threads,
+    where at-least-once allows kills x prefetch x threads."""
     row = crash_at_random_moments(
         run,
-        "1 crash: kill -9 of a threads worker, state store on",
-        len(THREADS_PLAN) * CONCURRENCY,
+        scenario,
+        len(THREADS_PLAN) * threads,
         plan=THREADS_PLAN,
-        events=THREADS_EVENTS,
+        events=events,
         delay=THREADS_DELAY,
         TOTANGO_POOL="threads",
-        TOTANGO_CONCURRENCY=str(CONCURRENCY),
+        TOTANGO_CONCURRENCY=str(threads),
         TOTANGO_STATE_URL=store.url,
     )
-    suppressed = suppressed_in_logs(run)
-    _note(row, f"{suppressed} copies suppressed; bound: {CONCURRENCY} threads per kill")
+    _note(row, f"{suppressed_in_logs(run)} copies suppressed; bound: {threads} per kill")
+
+
+def test_kill_9_of_a_threads_worker_with_the_state_store_on(run: Run, store: PrivateRedis) -> None:
+    """Four threads, 1,000 events: at most one duplicate per thread per kill."""
+    kill_threads_worker(
+        run,
+        store,
+        "1 crash: kill -9 of a threads worker, state store on",
+        threads=CONCURRENCY,
+        events=THREADS_EVENTS,
+    )
 
 
 #: Events for the one-thread row: one thread makes under 50 calls a second at 20 ms each.
@@ -104,22 +116,16 @@ ONE_THREAD_EVENTS = 300
 def test_kill_9_of_a_one_thread_worker_repeats_at_most_one_call_per_kill(
     run: Run, store: PrivateRedis
 ) -> None:
-    """The threads worker's kills with ``TOTANGO_CONCURRENCY=1``, the single-event setting
-    for at most one duplicate per kill: one call in flight per process. The event before it
-    is recorded in the round trip of the next event's check at the latest, which that call
-    waits for, so a kill can repeat only the call it cut off. The bound is the kills."""
-    row = crash_at_random_moments(
+    """``TOTANGO_CONCURRENCY=1``, the single-event setting for at most one duplicate per
+    kill: one call in flight per process, so a kill can repeat only the call it cut off.
+    The bound is the kills."""
+    kill_threads_worker(
         run,
+        store,
         "1 crash: kill -9 of a one-thread worker, state store on",
-        len(THREADS_PLAN),
-        plan=THREADS_PLAN,
+        threads=1,
         events=ONE_THREAD_EVENTS,
-        delay=THREADS_DELAY,
-        TOTANGO_POOL="threads",
-        TOTANGO_CONCURRENCY="1",
-        TOTANGO_STATE_URL=store.url,
     )
-    _note(row, f"{suppressed_in_logs(run)} copies suppressed; bound: 1 per kill")
 
 
 def test_kill_9_of_the_batch_worker_with_the_state_store_on(run: Run, store: PrivateRedis) -> None:
